@@ -1,0 +1,786 @@
+"""One validated `Settings` object per run, built from a YAML file plus command-line overrides.
+
+Order of precedence (later wins): dataclass defaults < `base:` files (root first) < the YAML file < each
+`key=value` override. Interpolations (`${oc.env:VAR}`, `${run.name}`) are resolved at load, so a saved
+settings file is a complete, literal record of the run. Every mistake a user can make is a `UserError`
+naming the key and where it was set; nothing is written while loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from recpre.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "launch_configs" / "debug.yaml"
+
+# Names other modules dispatch on; kept here so a typo fails at load, not an hour into a job.
+OPTIMIZERS = ("adamw", "ellis-adam", "muon")
+SCHEDULES = ("trapezoid", "cosine", "linear", "constant")
+# Static on purpose: flex/flash/nki register themselves only when their optional module is importable.
+ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "flex", "flash", "nki")
+FUSED_HEADS = ("none", "chunked")
+STRATEGIES = ("auto", "single", "simple-ddp", "torch-ddp", "xla")
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PROGRESS = ("auto", "bar", "lines", "none")
+WANDB_MODES = ("disabled", "offline", "online")
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+DEFAULTS_SOURCE = "the defaults in recpre/settings.py"
+# ModelSettings keys that are also ModelConfig fields (runtime choices); passed through to ModelConfig.
+RUNTIME_MODEL_KEYS = ("attention", "fused_head", "activation_checkpointing")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The dataclass tree. Keys are a stable interface (see CONTRACT.md / ARCHITECTURE.md).
+
+
+@dataclass
+class RunSettings:
+    name: str = "run"  # run name; used in out_dir and as the wandb run name
+    out_dir: str = "runs/${run.name}"  # run folder: settings.yaml, metrics.jsonl, checkpoints/
+    seed: int = 1234  # seeds model init, data order and depth sampling
+    resume: str = "auto"  # "auto" (latest checkpoint in out_dir if any) | "never" | a checkpoint path
+    init_from: str | None = None  # weights-only start (e.g. an imported Huginn checkpoint); None = fresh init
+
+
+@dataclass
+class ModelSettings:
+    name: str = "debug-recurrent"  # a shape from recpre.model_registry
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the named shape
+    attention: str = "auto"  # attention backend: auto | eager | sdpa | flex | flash | nki
+    fused_head: str = "none"  # "chunked" = fused linear cross-entropy head (O(chunk x vocab) memory)
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+
+@dataclass
+class DataSettings:
+    train: list[str] = field(default_factory=list)  # parquet files/folders; empty = embedded default corpus
+    val: list[str] = field(default_factory=list)  # validation parquet files/folders; empty = embedded/none
+    weights: list[float] | None = None  # mixture weight per train source; None = proportional to size
+    tokenizer: str | None = None  # folder with tokenizer.json; None = embedded corpus tokenizer
+    document_mask: bool = False  # attention stays within each packed document
+    reset_position_ids: bool = False  # positions restart at 0 at each document start
+    prefetch: int = 2  # batches prepared ahead of the training step
+    cache_dir: str | None = None  # where the embedded corpus is built/cached; None = the data module's default
+
+
+@dataclass
+class OptimSettings:
+    name: str = "adamw"  # adamw | ellis-adam | muon
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 0.1  # decoupled weight decay (not applied to no_decay parameters)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias", "embedding"])  # name parts without decay
+    update_clipping: bool = True  # ELLISAdam: divide the step by max(1, rms(g / sqrt(v)))
+    muon_lr: float | None = None  # Muon matrices' learning rate; None = the optimizer's default
+
+
+@dataclass
+class ScheduleSettings:
+    name: str = "trapezoid"  # trapezoid | cosine | linear | constant (all after a linear warmup)
+    warmup_steps: int = 0  # linear warmup from 0 to optim.lr
+    cooldown_steps: int = 0  # trapezoid: linear decay to min_lr over the last cooldown_steps
+    min_lr: float = 0.0  # learning rate at the end of the schedule
+    batch_size_ramp: int = 0  # steps over which the world batch grows linearly; 0 = off
+    ramp_start_batch_size: int = 0  # world batch (sequences) at step 0 of the ramp; 0 = one micro-batch per rank
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int | None = None  # optimizer steps; at least one of max_steps / max_tokens must be set
+    max_tokens: int | None = None  # token budget; steps = max_tokens // (world_batch_size * block_size)
+    micro_batch_size: int = 4  # sequences per forward/backward on one rank
+    world_batch_size: int = 32  # sequences per optimizer step over all ranks (accumulation is derived)
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    max_nonfinite_steps: int = 10  # abort after this many skipped (non-finite gradient) steps in a row
+    loss_spike_factor: float | None = 4.0  # stop when loss > factor x its running mean ...; None = off
+    loss_spike_patience: int = 20  # ... for this many steps in a row
+
+
+@dataclass
+class FabricSettings:
+    strategy: str = "auto"  # auto | single | simple-ddp | torch-ddp | xla
+    precision: str = "fp32"  # fp32 | bf16-mixed | bf16-true
+    device: str = "auto"  # auto | cpu | cuda | mps (xla strategy picks the XLA device)
+    chunk_mb: float = 25.0  # gradient all-reduce bucket size in MiB
+    timeout_s: int = 1800  # process-group timeout in seconds
+
+
+@dataclass
+class WandbSettings:
+    mode: str = "disabled"  # disabled | offline | online (online needs network on every rank-0 host)
+    project: str = "recpre"
+    entity: str | None = None  # wandb team/user; None = your default entity
+
+
+@dataclass
+class LogSettings:
+    interval: int = 10  # optimizer steps between metric rows
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
+    plot: bool = True  # write loss.png in the run folder
+    wandb: WandbSettings = field(default_factory=WandbSettings)
+
+
+@dataclass
+class EvalSettings:
+    interval: int = 100  # optimizer steps between validations; 0 = off
+    depths: list[int] = field(default_factory=lambda: [1, 4, 8])  # recurrence depths (the driver adds the mean)
+    max_batches: int = 10  # validation micro-batches per depth
+    micro_batch_size: int | None = None  # None = train.micro_batch_size
+
+
+@dataclass
+class CheckpointSettings:
+    interval: int = 1000  # optimizer steps between checkpoints; 0 = only at the end / on signal
+    keep: int = 2  # keep the last K checkpoints
+    save_before_end_min: float = 10.0  # save this many minutes before the SLURM time limit; 0 = off
+    on_signal: bool = True  # save on SIGUSR1/SIGUSR2/SIGTERM before exiting
+
+
+@dataclass
+class Settings:
+    run: RunSettings = field(default_factory=RunSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    fabric: FabricSettings = field(default_factory=FabricSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML reading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `3e-4` as a float (YAML 1.1 wants `3.0e-4`) and refuses duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable key: SafeLoader reports it itself
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _display(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _read_yaml(path: Path) -> dict:
+    shown = _display(path)
+    if not path.is_file():
+        raise UserError(f"config file {shown} does not exist (check --config or the `base:` key pointing to it).")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+            where += f" ({context} from line {context_mark.line + 1})"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file {shown} is not valid YAML{where}: {problem}.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {shown} is not UTF-8 text.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {shown} must hold a mapping of sections (run:, model:, ...), got {data!r}.")
+    return data
+
+
+def _read_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """The file and its `base:` ancestors as (shown name, mapping), root ancestor first."""
+    path = path.resolve()
+    if path in stack:
+        cycle = " -> ".join(_display(p) for p in (*stack, path))
+        raise UserError(f"`base:` in {_display(stack[-1])} forms a cycle ({cycle}); remove one of the base keys.")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return [(_display(path), data)]
+    if not isinstance(base, str) or not base:
+        raise UserError(f"`base:` in {_display(path)} must be a path to another YAML file, got {base!r}.")
+    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+    if not base_path.is_file():
+        raise UserError(
+            f"`base: {base}` in {_display(path)} points to {_display(base_path)}, which does not exist "
+            "(base paths are relative to the YAML's folder)."
+        )
+    return [*_read_chain(base_path, (*stack, path)), (_display(path), data)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Key and type checking against the dataclass tree
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _describe(tp: Any) -> str:
+    inner, optional = _strip_optional(tp)
+    origin = typing.get_origin(inner)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if dataclasses.is_dataclass(inner) or origin is dict or inner is dict:
+        text = "a mapping"
+    elif origin is list:
+        (elem,) = typing.get_args(inner) or (Any,)
+        text = "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(elem, "values")
+    else:
+        text = names.get(inner, getattr(inner, "__name__", str(inner)))
+    return f"{text} or null" if optional else text
+
+
+def _all_keys(cls: type = Settings, prefix: str = "") -> list[str]:
+    out = []
+    for name, tp in _hints(cls).items():
+        inner, _ = _strip_optional(tp)
+        if dataclasses.is_dataclass(inner):
+            out += _all_keys(inner, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def _type_at(key: str) -> Any:
+    """The declared type of a dotted key (list indices and model.overrides entries map to their container)."""
+    tp: Any = Settings
+    for part in re.sub(r"\[\d+\]", "", key).split("."):
+        inner, _ = _strip_optional(tp)
+        if not dataclasses.is_dataclass(inner):
+            break
+        tp = _hints(inner).get(part, Any)
+    return tp
+
+
+def _did_you_mean(key: str, siblings: list[str]) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+    if close:
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        return f"; did you mean '{parent}{close[0]}'?"
+    everywhere = _all_keys()
+    elsewhere = [k for k in everywhere if k.rsplit(".", 1)[-1] == leaf]
+    elsewhere = elsewhere or difflib.get_close_matches(key, everywhere, n=1, cutoff=0.6)
+    if elsewhere:
+        return f"; did you mean '{elsewhere[0]}'?"
+    return f"; known keys here: {', '.join(siblings)}."
+
+
+def _check_layer(data: Any, cls: type, prefix: str, source: str) -> dict:
+    """Unknown keys and non-mapping sections, as errors naming the key; returns a normalized copy."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the top level"
+        raise UserError(f"{where} in {source} must be a mapping of keys, got {data!r}.")
+    hints = _hints(cls)
+    out: dict = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in hints:
+            what = "section" if not prefix else "key"
+            raise UserError(f"unknown {what} '{full}' in {source}{_did_you_mean(str(full), list(hints))}")
+        tp = hints[key]
+        inner, optional = _strip_optional(tp)
+        if dataclasses.is_dataclass(inner):
+            out[key] = _check_layer(value if value is not None else {}, inner, f"{full}.", source)
+        elif typing.get_origin(inner) is dict:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise UserError(f"{full} in {source} must be a mapping of field names to values, got {value!r}.")
+            out[key] = dict(value)
+        elif inner is int and isinstance(value, float) and value.is_integer():
+            out[key] = int(value)  # `max_tokens: 8.0e11` is an integer a human wrote in float notation
+        else:
+            out[key] = value
+    return out
+
+
+def _flatten(data: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        if isinstance(value, dict):
+            keys += _flatten(value, f"{full}.")
+    return keys
+
+
+class _Origins:
+    """Where each key was last set, so an error can name the file (or the override) to change."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, str] = {}
+
+    def record(self, data: dict, source: str) -> None:
+        for key in _flatten(data):
+            self.sources[key] = source
+
+    def __call__(self, key: str) -> str:
+        key = re.sub(r"\[\d+\]", "", key)
+        while key:
+            if key in self.sources:
+                return self.sources[key]
+            key = key.rpartition(".")[0]
+        return DEFAULTS_SOURCE
+
+
+def _first_line(err: OmegaConfBaseException) -> str:
+    return (getattr(err, "msg", None) or str(err)).splitlines()[0].rstrip(".")
+
+
+def _merge(cfg: Any, layer: dict, source: str) -> Any:
+    try:
+        return OmegaConf.merge(cfg, layer)
+    except OmegaConfBaseException as err:
+        key = err.full_key or "?"
+        raise UserError(f"{key} in {source} must be {_describe(_type_at(key))}, got {err.value!r}.") from None
+
+
+def _protect_interpolations(text: str) -> tuple[str, list[str]]:
+    """Swap each `${...}` for a plain token, so YAML flow lists like `[${oc.env:D}/a, b]` parse."""
+    out, spans, i = [], [], 0
+    while i < len(text):
+        start = text.find("${", i)
+        if start < 0 or (start > 0 and text[start - 1] == "\\"):
+            stop = len(text) if start < 0 else start + 2
+            out.append(text[i:stop])
+            i = stop
+            continue
+        depth, j = 0, start + 1
+        while j < len(text):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            j += 1
+            if depth == 0:
+                break
+        out.append(text[i:start] + f"RECPREINTERP{len(spans)}X")
+        spans.append(text[start:j])
+        i = j
+    return "".join(out), spans
+
+
+def _restore_interpolations(value: Any, spans: list[str]) -> Any:
+    if isinstance(value, str):
+        return re.sub(r"RECPREINTERP(\d+)X", lambda m: spans[int(m.group(1))], value)
+    if isinstance(value, list):
+        return [_restore_interpolations(v, spans) for v in value]
+    if isinstance(value, dict):
+        return {k: _restore_interpolations(v, spans) for k, v in value.items()}
+    return value
+
+
+def _parse_override(item: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value read as YAML (`[1, 2]`, `null`, `3e-4`)."""
+    source = f"command-line override '{item}'"
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
+        raise UserError(f"{source} must look like section.key=value (e.g. optim.lr=3e-4).")
+    protected, spans = _protect_interpolations(raw)
+    try:
+        value = _restore_interpolations(yaml.load(protected, Loader=_Loader), spans)
+    except yaml.YAMLError as err:
+        if raw.lstrip().startswith(("[", "{", '"', "'")):
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise UserError(f"{source} has a value that is not valid YAML: {problem}.") from None
+        value = raw  # e.g. `run.name=a: b` is meant as a plain string
+    parsed: dict = {}
+    node = parsed
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return parsed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Interpolation
+
+
+_ENV_RE = re.compile(r"\$\{oc\.env:\s*([^,}\s]+)\s*(,[^}]*)?\}")
+
+
+def _walk_strings(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk_strings(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk_strings(value, f"{prefix}[{i}]")
+    elif isinstance(node, str):
+        yield prefix, node
+
+
+def _check_env(raw: dict, where: _Origins) -> None:
+    for key, text in _walk_strings(raw):
+        for match in _ENV_RE.finditer(text):
+            var, default = match.group(1), match.group(2)
+            if any(marker in var.upper() for marker in SECRET_MARKERS):
+                raise UserError(
+                    f"{key} in {where(key)} reads the secret-looking variable {var} through ${{oc.env:{var}}}, "
+                    "but secrets belong in the environment only and are never written into saved settings."
+                )
+            if default is None and var not in os.environ:
+                raise UserError(
+                    f"{key} in {where(key)} uses ${{oc.env:{var}}} but the environment variable {var} is not set "
+                    f"(export it, or give a default as ${{oc.env:{var},DEFAULT}})."
+                )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str, where: _Origins) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"{key} in {where(key)} is {value!r} but must be one of {', '.join(allowed)}{hint}.")
+
+
+def _require(ok: bool, key: str, where: _Origins, message: str) -> None:
+    if not ok:
+        raise UserError(f"{key} in {where(key)} {message}.")
+
+
+def _validate(s: Settings, where: _Origins) -> None:
+    _one_of(s.model.attention, ATTENTION_BACKENDS, "model.attention", where)
+    _one_of(s.model.fused_head, FUSED_HEADS, "model.fused_head", where)
+    _one_of(s.optim.name, OPTIMIZERS, "optim.name", where)
+    _one_of(s.schedule.name, SCHEDULES, "schedule.name", where)
+    _one_of(s.fabric.strategy, STRATEGIES, "fabric.strategy", where)
+    _one_of(s.fabric.precision, PRECISIONS, "fabric.precision", where)
+    _one_of(s.fabric.device, DEVICES, "fabric.device", where)
+    _one_of(s.log.progress, PROGRESS, "log.progress", where)
+    _one_of(s.log.wandb.mode, WANDB_MODES, "log.wandb.mode", where)
+
+    _require(bool(s.run.name.strip()), "run.name", where, "must not be empty")
+    _require(bool(s.run.out_dir.strip()), "run.out_dir", where, "must not be empty")
+    _require(s.run.seed >= 0, "run.seed", where, f"must be >= 0, got {s.run.seed}")
+    _require(bool(s.run.resume.strip()), "run.resume", where, "must be 'auto', 'never' or a checkpoint path")
+
+    d = s.data
+    _require(d.prefetch >= 0, "data.prefetch", where, f"must be >= 0, got {d.prefetch}")
+    if d.weights is not None:
+        _require(bool(d.train), "data.weights", where, "needs data.train sources to weight (it is empty)")
+        _require(
+            len(d.weights) == len(d.train),
+            "data.weights",
+            where,
+            f"has {len(d.weights)} entries but data.train has {len(d.train)} sources",
+        )
+        _require(all(w > 0 for w in d.weights), "data.weights", where, f"must all be > 0, got {d.weights}")
+
+    o = s.optim
+    _require(o.lr > 0, "optim.lr", where, f"must be > 0, got {o.lr}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", where, f"must be >= 0, got {o.weight_decay}")
+    _require(0 <= o.beta1 < 1, "optim.beta1", where, f"must be in [0, 1), got {o.beta1}")
+    _require(0 <= o.beta2 < 1, "optim.beta2", where, f"must be in [0, 1), got {o.beta2}")
+    _require(o.eps > 0, "optim.eps", where, f"must be > 0, got {o.eps}")
+    _require(o.muon_lr is None or o.muon_lr > 0, "optim.muon_lr", where, f"must be > 0 or null, got {o.muon_lr}")
+
+    t = s.train
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", where, f"must be >= 1, got {t.micro_batch_size}")
+    _require(t.world_batch_size >= 1, "train.world_batch_size", where, f"must be >= 1, got {t.world_batch_size}")
+    _require(
+        t.world_batch_size % t.micro_batch_size == 0,
+        "train.world_batch_size",
+        where,
+        f"({t.world_batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size})",
+    )
+    _require(
+        t.max_steps is not None or t.max_tokens is not None,
+        "train.max_steps",
+        where,
+        "and train.max_tokens are both unset; set at least one of them",
+    )
+    _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", where, f"must be >= 1, got {t.max_steps}")
+    _require(t.max_tokens is None or t.max_tokens >= 1, "train.max_tokens", where, f"must be >= 1, got {t.max_tokens}")
+    _require(t.grad_clip >= 0, "train.grad_clip", where, f"must be >= 0 (0 = off), got {t.grad_clip}")
+    _require(
+        t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", where, f"must be >= 1, got {t.max_nonfinite_steps}"
+    )
+    _require(
+        t.loss_spike_factor is None or t.loss_spike_factor > 1,
+        "train.loss_spike_factor",
+        where,
+        f"must be > 1 or null (off), got {t.loss_spike_factor}",
+    )
+    _require(
+        t.loss_spike_patience >= 1, "train.loss_spike_patience", where, f"must be >= 1, got {t.loss_spike_patience}"
+    )
+
+    sc = s.schedule
+    _require(sc.warmup_steps >= 0, "schedule.warmup_steps", where, f"must be >= 0, got {sc.warmup_steps}")
+    _require(sc.cooldown_steps >= 0, "schedule.cooldown_steps", where, f"must be >= 0, got {sc.cooldown_steps}")
+    _require(0 <= sc.min_lr <= o.lr, "schedule.min_lr", where, f"({sc.min_lr}) must be between 0 and optim.lr ({o.lr})")
+    _check_step_budget(s, t.max_steps, where, "train.max_steps")
+    _require(sc.batch_size_ramp >= 0, "schedule.batch_size_ramp", where, f"must be >= 0, got {sc.batch_size_ramp}")
+    if sc.batch_size_ramp > 0 and sc.ramp_start_batch_size != 0:
+        start = sc.ramp_start_batch_size
+        _require(
+            0 < start <= t.world_batch_size,
+            "schedule.ramp_start_batch_size",
+            where,
+            f"({start}) must be between 1 and train.world_batch_size ({t.world_batch_size})",
+        )
+        _require(
+            start % t.micro_batch_size == 0,
+            "schedule.ramp_start_batch_size",
+            where,
+            f"({start}) must be a multiple of train.micro_batch_size ({t.micro_batch_size})",
+        )
+    _require(
+        sc.ramp_start_batch_size >= 0,
+        "schedule.ramp_start_batch_size",
+        where,
+        f"must be >= 0 (0 = one micro-batch per rank), got {sc.ramp_start_batch_size}",
+    )
+
+    f = s.fabric
+    _require(f.chunk_mb > 0, "fabric.chunk_mb", where, f"must be > 0, got {f.chunk_mb}")
+    _require(f.timeout_s >= 1, "fabric.timeout_s", where, f"must be >= 1, got {f.timeout_s}")
+    if f.strategy == "xla":
+        _require(f.device == "auto", "fabric.device", where, "must be 'auto' with fabric.strategy xla")
+
+    _require(s.log.interval >= 1, "log.interval", where, f"must be >= 1, got {s.log.interval}")
+    e = s.eval
+    _require(e.interval >= 0, "eval.interval", where, f"must be >= 0 (0 = off), got {e.interval}")
+    _require(all(x >= 1 for x in e.depths), "eval.depths", where, f"must all be >= 1, got {e.depths}")
+    _require(e.max_batches >= 1, "eval.max_batches", where, f"must be >= 1, got {e.max_batches}")
+    _require(
+        e.micro_batch_size is None or e.micro_batch_size >= 1,
+        "eval.micro_batch_size",
+        where,
+        f"must be >= 1 or null, got {e.micro_batch_size}",
+    )
+    c = s.checkpoint
+    _require(c.interval >= 0, "checkpoint.interval", where, f"must be >= 0 (0 = only at end), got {c.interval}")
+    _require(c.keep >= 1, "checkpoint.keep", where, f"must be >= 1, got {c.keep}")
+    _require(c.save_before_end_min >= 0, "checkpoint.save_before_end_min", where, "must be >= 0 (0 = off)")
+
+
+def _check_step_budget(s: Settings, steps: int | None, where: _Origins, key: str) -> None:
+    sc = s.schedule
+    if steps is None:
+        return
+    _require(
+        sc.warmup_steps + sc.cooldown_steps <= steps,
+        "schedule.warmup_steps",
+        where,
+        f"({sc.warmup_steps}) plus schedule.cooldown_steps ({sc.cooldown_steps}) exceeds the {steps} steps "
+        f"of {key} (set in {where(key)})",
+    )
+    _require(
+        sc.batch_size_ramp <= steps,
+        "schedule.batch_size_ramp",
+        where,
+        f"({sc.batch_size_ramp}) exceeds the {steps} steps of {key} (set in {where(key)})",
+    )
+
+
+def _import_model_config() -> Any | None:
+    """ModelConfig, or None while recpre.config does not exist yet (settings must work without it)."""
+    try:
+        from recpre.config import ModelConfig
+    except ModuleNotFoundError as err:
+        if err.name in ("recpre.config", "recpre.model_registry"):
+            return None
+        raise
+    return ModelConfig
+
+
+def _check_model(s: Settings, where: _Origins) -> None:
+    for key in (*RUNTIME_MODEL_KEYS, "name"):
+        _require(
+            key not in s.model.overrides,
+            f"model.overrides.{key}",
+            where,
+            f"duplicates a model setting; set model.{key} instead",
+        )
+    config_cls = _import_model_config()
+    if config_cls is None:
+        return
+    try:
+        cfg = config_cls.from_name(s.model.name, **_runtime_fields(s), **s.model.overrides)
+    except (UserError, TypeError, ValueError) as err:
+        message = str(err)
+        source = where("model.name")
+        if not message.startswith("model.name"):
+            named = [k for k in s.model.overrides if re.search(rf"\b{re.escape(k)}\b", message)]
+            if named:
+                source = where(f"model.overrides.{named[0]}")
+            elif s.model.overrides:
+                source = where("model.overrides")
+        raise UserError(f"In {source}, {message}") from None
+    t = s.train
+    if t.max_steps is None and t.max_tokens is not None:
+        tokens_per_step = t.world_batch_size * cfg.block_size
+        steps = t.max_tokens // tokens_per_step
+        _require(
+            steps >= 1,
+            "train.max_tokens",
+            where,
+            f"({t.max_tokens}) is less than one step of {tokens_per_step} tokens (world batch x block size)",
+        )
+        _check_step_budget(s, steps, where, "train.max_tokens")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_settings(config_path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """Defaults < base files < YAML < overrides, resolved and validated; raises UserError on any bad input."""
+    if isinstance(overrides, str):
+        raise TypeError("load_settings takes overrides as a list of 'key=value' strings, not one string")
+    path = DEFAULT_CONFIG if config_path is None else Path(config_path)
+    where = _Origins()
+    cfg = OmegaConf.structured(Settings)
+    for source, data in _read_chain(path):
+        layer = _check_layer(data, Settings, "", source)
+        cfg = _merge(cfg, layer, source)
+        where.record(layer, source)
+    for item in overrides:
+        source = f"command-line override '{item}'"
+        layer = _check_layer(_parse_override(item), Settings, "", source)
+        cfg = _merge(cfg, layer, source)
+        where.record(layer, source)
+
+    _check_env(OmegaConf.to_container(cfg, resolve=False), where)
+    try:
+        settings = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        key = err.full_key or "?"
+        raise UserError(f"{key} in {where(key)} could not be resolved: {_first_line(err)}.") from None
+    assert isinstance(settings, Settings)
+    _validate(settings, where)
+    _check_model(settings, where)
+    object.__setattr__(settings, "_origins", where)
+    return settings
+
+
+def validate_for_world(settings: Settings, world_size: int) -> None:
+    """Checks that need the world size, which only the fabric knows: batches must split evenly over ranks."""
+    where: _Origins = getattr(settings, "_origins", None) or _Origins()
+    t, sc = settings.train, settings.schedule
+    per_step = t.micro_batch_size * world_size
+    _require(
+        t.world_batch_size % per_step == 0,
+        "train.world_batch_size",
+        where,
+        f"({t.world_batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size}) "
+        f"x world size ({world_size}) = {per_step}",
+    )
+    if sc.batch_size_ramp > 0 and sc.ramp_start_batch_size:
+        _require(
+            sc.ramp_start_batch_size % per_step == 0,
+            "schedule.ramp_start_batch_size",
+            where,
+            f"({sc.ramp_start_batch_size}) must be a multiple of train.micro_batch_size x world size = {per_step}",
+        )
+
+
+def _runtime_fields(settings: Settings) -> dict[str, Any]:
+    return {key: getattr(settings.model, key) for key in RUNTIME_MODEL_KEYS}
+
+
+def model_config(settings: Settings) -> Any:
+    """The ModelConfig a run builds: the named shape, model.overrides, and the runtime model choices."""
+    config_cls = _import_model_config()
+    if config_cls is None:
+        raise UserError("recpre.config is not available in this installation; reinstall recpre.")
+    return config_cls.from_name(settings.model.name, **_runtime_fields(settings), **settings.model.overrides)
+
+
+def _escape(node: Any) -> Any:
+    """Literal `${` in a resolved value must stay literal when the file is loaded again."""
+    if isinstance(node, dict):
+        return {k: _escape(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_escape(v) for v in node]
+    if isinstance(node, str):
+        return node.replace("${", "\\${")
+    return node
+
+
+class _Dumper(yaml.SafeDumper):
+    """Mappings in block style, lists inline: the saved file reads like the launch configs."""
+
+    def represent_list(self, data: list) -> yaml.Node:
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)
+
+
+def settings_to_yaml(settings: Settings) -> str:
+    body = yaml.dump(_escape(dataclasses.asdict(settings)), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    return "# Resolved recpre settings: load_settings(this_file, []) reproduces them exactly.\n" + body
+
+
+def save_settings(settings: Settings, path: str | Path) -> None:
+    """Write the resolved YAML atomically, so a crash never leaves a half-written settings file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(settings_to_yaml(settings))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
