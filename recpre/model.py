@@ -1,0 +1,401 @@
+"""GPT and RecurrentGPT (prelude -> looped core -> coda), their blocks, the depth sampler and a KV cache.
+
+RecurrentGPT with `block_kind="sandwich"`, `injection="linear"` computes exactly the function of the public
+Huginn-0125 model (see tests/fixtures/huginn-tiny/README.md for the conventions):
+
+    e = wte(ids) * emb_scale; e = prelude(e); s = s0
+    repeat r times: s = core(adapter(concat([s, e], -1)))      (injection "add": core(s + e))
+    x = ln_f(s); x = coda(x); x = ln_f(x)  (same weights twice); logits = x @ wte.T (tied)
+
+Parameter names equal the Huginn checkpoint names (`transformer.wte.weight`, `transformer.prelude.<i>.*`,
+`transformer.core_block.<i>.*`, `transformer.coda.<i>.*`, `transformer.adapter.weight`, `transformer.ln_f.weight`;
+GPT: `transformer.h.<i>.*`), with block parameters `norm_{1..4}.weight`, `attn.Wqkv.weight`, `attn.qk_bias`,
+`attn.proj.weight`, `mlp.fc.weight`, `mlp.proj.weight` (plus `.bias` when config.bias). A tied model has no
+`lm_head` parameter (the head reads `transformer.wte.weight`); an untied one has `lm_head.weight`.
+Norm slots by block kind: sandwich uses norm_1..norm_4; pre-norm norm_1 (before attn) and norm_3 (before mlp);
+post-norm norm_2 (after attn residual) and norm_4 (after mlp residual).
+
+Labels are aligned with the inputs (labels[b, t] is the target of position t; the loader shifts them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from recpre import attention
+from recpre.config import ModelConfig
+
+IGNORE_INDEX = -100
+DEPTH_SIGMA = 0.5  # sigma of the log-normal in poisson-lognormal-filling
+
+
+@dataclass
+class ModelOutput:
+    loss: Tensor | None = None
+    logits: Tensor | None = None  # [batch, seq, padded_vocab], float32; None when labels were given
+    state: Tensor | None = None  # RecurrentGPT: the recurrent state after the last iteration (before ln_f)
+
+
+class KVCache:
+    """Keys and values for incremental decoding, one entry per block application.
+
+    Keys: ("prelude", 0, i), ("core", step, i) for core block i at recurrence step `step`, ("coda", 0, i),
+    and ("h", 0, i) for GPT blocks. Tensors are stored after RoPE as [batch, kv_heads, tokens, head_dim].
+    `offset` counts the tokens already in the cache; the model uses it as the RoPE position of the next token
+    and calls `advance(seq)` at the end of each forward. Strict by default: every call must run the same
+    recurrence steps (a step missing for earlier tokens is an error); per-token adaptive depth overrides
+    `past(key)` to say which keys/values stand in for missing ones.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[Hashable, Tensor] = {}
+        self.values: dict[Hashable, Tensor] = {}
+        self.offset = 0
+
+    def past(self, key: Hashable) -> tuple[Tensor, Tensor] | None:
+        """Cached keys/values for `key` covering the `offset` earlier tokens (None when there are none)."""
+        if key not in self.keys:
+            if self.offset:
+                raise ValueError(f"KV cache has no entry for {key} but holds {self.offset} tokens")
+            return None
+        k, v = self.keys[key], self.values[key]
+        if k.shape[-2] != self.offset:
+            raise ValueError(f"KV cache entry {key} holds {k.shape[-2]} tokens, expected {self.offset}")
+        return k, v
+
+    def update(self, key: Hashable, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        past = self.past(key)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
+        self.keys[key], self.values[key] = k, v
+        return k, v
+
+    def advance(self, n: int) -> None:
+        self.offset += n
+
+    def reset(self) -> None:
+        self.keys.clear()
+        self.values.clear()
+        self.offset = 0
+
+    def __len__(self) -> int:
+        return self.offset
+
+
+@dataclass
+class _Ctx:
+    """Per-forward inputs every block needs."""
+
+    cos: Tensor
+    sin: Tensor
+    attn_fn: object
+    doc_ids: Tensor | None
+    cache: KVCache | None
+
+
+def rope_tables(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos/sin [batch or 1, seq, 1, head_dim/2] in float32 for integer positions [seq] or [batch, seq]."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    if positions.dim() == 1:
+        positions = positions[None]
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [batch, seq, heads, head_dim], in float32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_dim
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+        self.Wqkv = nn.Linear(c.n_embd, q_dim + 2 * kv_dim, bias=c.bias)  # output [q | k | v]
+        self.qk_bias = nn.Parameter(torch.zeros(2, 1, c.n_heads, c.head_dim)) if c.qk_bias else None
+        self.proj = nn.Linear(q_dim, c.n_embd, bias=c.bias)
+
+    def forward(self, x: Tensor, ctx: _Ctx, key: Hashable) -> Tensor:
+        B, S, _ = x.shape
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = self.Wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.kv_heads, self.head_dim)
+        v = v.view(B, S, self.kv_heads, self.head_dim)
+        if self.qk_bias is not None:
+            q = q + self.qk_bias[0].to(q.dtype)
+            k = k + self.qk_bias[1].to(k.dtype)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(key, k, v)
+        y = ctx.attn_fn(q, k, v, causal=True, doc_ids=ctx.doc_ids)
+        return self.proj(y.transpose(1, 2).reshape(B, S, q_dim))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(c.n_embd, 2 * c.intermediate_size, bias=c.bias)  # output [a | b]
+        self.proj = nn.Linear(c.intermediate_size, c.n_embd, bias=c.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    """Pre-norm, post-norm or sandwich (4 norms) transformer block."""
+
+    _NORMS = {"sandwich": (1, 2, 3, 4), "pre": (1, 3), "post": (2, 4)}
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.kind = c.block_kind
+        for i in self._NORMS[c.block_kind]:
+            setattr(self, f"norm_{i}", RMSNorm(c.n_embd, c.norm_eps))
+        self.attn = Attention(c)
+        self.mlp = GatedMLP(c)
+
+    def forward(self, x: Tensor, ctx: _Ctx, key: Hashable) -> Tensor:
+        if self.kind == "sandwich":
+            x = self.norm_2(self.attn(self.norm_1(x), ctx, key) + x)
+            return self.norm_4(self.mlp(self.norm_3(x)) + x)
+        if self.kind == "pre":
+            x = x + self.attn(self.norm_1(x), ctx, key)
+            return x + self.mlp(self.norm_3(x))
+        x = self.norm_2(x + self.attn(x, ctx, key))
+        return self.norm_4(x + self.mlp(x))
+
+
+class _LanguageModel(nn.Module):
+    """Shared pieces: embedding, final norm, head and loss, initialisation."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict()
+        self.transformer["wte"] = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.transformer["ln_f"] = RMSNorm(config.n_embd, config.norm_eps)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.transformer.wte.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def _context(self, input_ids: Tensor, doc_ids, position_ids, cache: KVCache | None) -> _Ctx:
+        if cache is not None and doc_ids is not None:
+            raise ValueError("doc_ids are not supported together with a KV cache")
+        if position_ids is None:
+            offset = cache.offset if cache is not None else 0
+            position_ids = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
+        cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_base)
+        return _Ctx(cos, sin, attention.get(self.config.attention), doc_ids, cache)
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        x = self.transformer.wte(input_ids)
+        return x * self.config.emb_scale if self.config.emb_scale != 1.0 else x
+
+    def _head(self, x: Tensor, labels: Tensor | None, loss_normalizer) -> tuple[Tensor | None, Tensor | None]:
+        weight = self.head_weight
+        if labels is None:
+            return None, F.linear(x, weight).float()
+        hidden, targets = x.reshape(-1, x.shape[-1]), labels.reshape(-1)
+        if self.config.fused_head == "chunked":
+            from recpre.ops import fused_linear_cross_entropy
+
+            loss = fused_linear_cross_entropy(
+                hidden, weight, targets, ignore_index=IGNORE_INDEX, normalizer=loss_normalizer
+            )
+            return loss, None
+        logits = F.linear(hidden, weight).float()
+        total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        if loss_normalizer is None:
+            loss_normalizer = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return total / loss_normalizer, None
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter from torch's current RNG, in named_parameters order (deterministic).
+
+        Truncated normal (cut at +-3 std) with std = config.init_std; output projections (attn.proj, mlp.proj)
+        use std / sqrt(2 * effective_depth); norms are ones; biases and q/k biases are zeros.
+        """
+        c = self.config
+        for name, p in self.named_parameters():
+            if "norm" in name.rsplit(".", 2)[-2] or name.endswith("ln_f.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias") or name.endswith("qk_bias"):
+                nn.init.zeros_(p)
+            else:
+                std = c.out_proj_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else c.init_std
+                nn.init.trunc_normal_(p, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+class GPT(_LanguageModel):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.transformer["h"] = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        num_steps: int | tuple[int, int] | None = None,
+        *,
+        doc_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        loss_normalizer: float | Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        ctx = self._context(input_ids, doc_ids, position_ids, cache)
+        x = self._embed(input_ids)
+        for i, block in enumerate(self.transformer.h):
+            if self.config.activation_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, ctx, ("h", 0, i), use_reentrant=False)
+            else:
+                x = block(x, ctx, ("h", 0, i))
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        loss, logits = self._head(x, labels, loss_normalizer)
+        return ModelOutput(loss=loss, logits=logits)
+
+
+class RecurrentGPT(_LanguageModel):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        t = self.transformer
+        t["prelude"] = nn.ModuleList(Block(config) for _ in range(config.n_layers_prelude))
+        if config.injection == "linear":
+            t["adapter"] = nn.Linear(2 * config.n_embd, config.n_embd, bias=config.bias)
+        t["core_block"] = nn.ModuleList(Block(config) for _ in range(config.n_layers_core))
+        t["coda"] = nn.ModuleList(Block(config) for _ in range(config.n_layers_coda))
+
+    def resolve_steps(self, num_steps: int | tuple[int, int] | Tensor | None) -> tuple[int, int]:
+        """(n no-grad, k grad) from (n, k), an int r (= (0, r)) or None (the config's mean recurrence)."""
+        c = self.config
+        if num_steps is None:
+            if self.training:
+                return max(c.mean_recurrence - c.mean_backprop_depth, 0), min(c.mean_backprop_depth, c.mean_recurrence)
+            return 0, c.mean_recurrence
+        if isinstance(num_steps, int | np.integer) or (isinstance(num_steps, Tensor) and num_steps.dim() == 0):
+            return 0, int(num_steps)
+        n, k = (int(v) for v in num_steps)
+        if n < 0 or k < 0:
+            raise ValueError(f"num_steps must be non-negative, got {(n, k)}")
+        return n, k
+
+    def initial_state(self, e: Tensor) -> Tensor:
+        """s0: zeros, or (`like-init`) a fresh truncated normal at the init std times the embedding scale."""
+        if self.config.state_init == "zero":
+            return torch.zeros_like(e)
+        std = self.config.init_std
+        s = torch.empty_like(e)
+        nn.init.trunc_normal_(s, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        return s * self.config.emb_scale
+
+    def core_step(self, s: Tensor, e: Tensor, ctx: _Ctx, step: int) -> Tensor:
+        if self.config.injection == "linear":
+            s = self.transformer.adapter(torch.cat([s, e], dim=-1))
+        else:
+            s = s + e
+        for i, block in enumerate(self.transformer.core_block):
+            s = block(s, ctx, ("core", step, i))
+        return s
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        num_steps: int | tuple[int, int] | None = None,
+        *,
+        doc_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        loss_normalizer: float | Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        n, k = self.resolve_steps(num_steps)
+        ctx = self._context(input_ids, doc_ids, position_ids, cache)
+        e = self._embed(input_ids)
+        for i, block in enumerate(self.transformer.prelude):
+            e = block(e, ctx, ("prelude", 0, i))
+        s = self.initial_state(e)
+        with torch.no_grad():
+            for step in range(n):
+                s = self.core_step(s, e, ctx, step)
+        checkpointed = self.config.activation_checkpointing and torch.is_grad_enabled() and cache is None
+        for step in range(n, n + k):
+            if checkpointed:
+                s = checkpoint(self.core_step, s, e, ctx, step, use_reentrant=False)
+            else:
+                s = self.core_step(s, e, ctx, step)
+        x = self.transformer.ln_f(s)
+        for i, block in enumerate(self.transformer.coda):
+            x = block(x, ctx, ("coda", 0, i))
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        loss, logits = self._head(x, labels, loss_normalizer)
+        return ModelOutput(loss=loss, logits=logits, state=s)
+
+
+def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> GPT | RecurrentGPT:
+    """The model for `config`; weights drawn from torch's current RNG, or left unallocated on "meta"."""
+    cls = RecurrentGPT if config.is_recurrent else GPT
+    with torch.device("meta"):
+        model = cls(config)
+    if torch.device(device).type == "meta":
+        return model
+    model = model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def sample_depth(config: ModelConfig, step: int, rank: int = 0, seed: int = 0) -> tuple[int, int]:
+    """(n no-grad iterations, k grad iterations) for one micro-step: a pure function of (seed, step, rank).
+
+    With `config.lockstep` the rank is ignored, so all ranks run the same depth. Schemes (s = backprop depth,
+    t = mean_recurrence - s): poisson-lognormal-filling r = Poisson(LogNormal(ln(t+s) - sigma^2/2, sigma)) + 1,
+    n = max(r-s, 0), k = min(s, r) (E[r] = t+s+1); poisson-fill n = Poisson(t), k = s; fixed (t, s);
+    non-recurrent (0, 1).
+    """
+    c = config
+    s = c.mean_backprop_depth
+    t = max(c.mean_recurrence - s, 0)
+    if c.sampling_scheme == "fixed":
+        return t, min(s, c.mean_recurrence)
+    if c.sampling_scheme == "non-recurrent":
+        return 0, 1
+    if min(seed, step, rank) < 0:
+        raise ValueError(f"sample_depth needs non-negative seed, step and rank, got {(seed, step, rank)}")
+    rng = np.random.default_rng([seed, step, 0 if c.lockstep else rank, 0x6465707468])
+    if c.sampling_scheme == "poisson-fill":
+        return int(rng.poisson(t)), s
+    mu = math.log(t + s) - DEPTH_SIGMA**2 / 2
+    r = int(rng.poisson(rng.lognormal(mu, DEPTH_SIGMA))) + 1
+    return max(r - s, 0), min(s, r)
