@@ -5,12 +5,17 @@ The layout at this interface, documented once:
     fn(q, k, v, *, causal=True, doc_ids=None, scale=None) -> out
     q:       [batch, heads, seq, head_dim]
     k, v:    [batch, kv_heads, seq, head_dim]   (kv_heads divides heads: grouped-query attention)
-    doc_ids: [batch, seq] integer document ids or None; a query attends only to keys of its own document
+    doc_ids: [batch, seq_k] integer document ids or None; a query attends only to keys of its own document.
+             Documents are contiguous runs (recpre.attention.documents.document_ids): varlen kernels
+             (flash) treat every run of equal ids as one document.
     out:     [batch, heads, seq, head_dim], dtype of q
+
+Queries may be fewer than keys (decoding): they are then the last positions, causal bottom-right aligned.
 
 Grouped-query attention is handled here, once: a backend registered with `gqa=False` receives k and v
 already expanded to `heads`. `get("auto")` returns a dispatcher that picks the best available backend
-for the device of the tensors it is called with.
+for the device of the tensors it is called with (skipping backends that cannot take doc_ids for masked
+calls). Backends: eager, sdpa (here), flex, flash, nki (own modules, registered when importable).
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ class Backend:
     gqa: bool  # True when the backend handles kv_heads < heads itself
     extra: str  # how to get it when it is missing
     devices: tuple[str, ...]  # device types it runs on
+    documents: bool = True  # False when it cannot take doc_ids (auto then skips it for masked calls)
+    unavailable_reason: Callable[[], str] | None = None  # why is_available() is False, for the error message
+
+    def why_unavailable(self) -> str:
+        reason = self.unavailable_reason() if self.unavailable_reason is not None else ""
+        return reason or f"install: {self.extra}"
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -48,8 +59,11 @@ def register(
     gqa: bool = False,
     extra: str = "",
     devices: tuple[str, ...] = ("cpu", "cuda", "mps", "xla"),
+    documents: bool = True,
+    unavailable_reason: Callable[[], str] | None = None,
 ) -> None:
-    _BACKENDS[name] = Backend(name, fn, is_available, gqa, extra, devices)
+    """Add (or replace) a backend. `fn` takes q, k, v and the keywords causal, doc_ids, scale."""
+    _BACKENDS[name] = Backend(name, fn, is_available, gqa, extra, devices, documents, unavailable_reason)
 
 
 def expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -73,6 +87,8 @@ def _with_gqa(backend: Backend) -> AttentionFn:
 
 
 def available() -> list[str]:
+    """Names of the backends that can run in this environment (optional modules included)."""
+    _load_optional_backends()
     return [name for name, b in _BACKENDS.items() if b.is_available()]
 
 
@@ -89,29 +105,30 @@ def get(name: str) -> AttentionFn:
     if not backend.is_available():
         missing = [f"{b.name} ({b.extra})" for b in _BACKENDS.values() if not b.is_available()]
         raise UserError(
-            f"model.attention: backend '{name}' is not available here; available: {', '.join(available())}; "
-            f"to get the others: {'; '.join(missing)}."
+            f"model.attention: backend '{name}' is not available here ({backend.why_unavailable()}); "
+            f"available: auto, {', '.join(available())}; to get the others: {'; '.join(missing)}."
         )
     return _with_gqa(backend)
 
 
-def resolve_auto(device_type: str) -> str:
-    """The backend `auto` uses on a device type."""
+def resolve_auto(device_type: str, *, documents: bool = False) -> str:
+    """The backend `auto` uses on a device type (`documents`: for calls that carry doc_ids)."""
     _load_optional_backends()
-    for name in _AUTO_ORDER.get(device_type, ("sdpa",)):
+    order = _AUTO_ORDER.get(device_type, ("sdpa",))
+    if documents and device_type == "cuda":
+        # Without flash-attn, sdpa would need a dense [B, S, S] mask; flex does documents blockwise.
+        order = ("flash", "flex", "sdpa")
+    for name in order:
         b = _BACKENDS.get(name)
-        if b is not None and b.is_available() and device_type in b.devices:
+        if b is None or device_type not in b.devices or (documents and not b.documents):
+            continue
+        if b.is_available():
             return name
     return "eager"
 
 
 def _auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    name = resolve_auto(q.device.type)
-    if kwargs.get("doc_ids") is not None and name == "sdpa":
-        # sdpa takes document masks as a dense boolean mask; flex does it blockwise where it runs.
-        flex = _BACKENDS.get("flex")
-        if flex is not None and flex.is_available() and q.device.type == "cuda":
-            name = "flex"
+    name = resolve_auto(q.device.type, documents=kwargs.get("doc_ids") is not None)
     return _with_gqa(_BACKENDS[name])(q, k, v, **kwargs)
 
 
@@ -146,6 +163,7 @@ def eager_attention(
 ) -> torch.Tensor:
     """The reference: explicit scores, softmax in float32. The ground truth for every other backend."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
     mask = attention_mask(q.shape[-2], k.shape[-2], causal=causal, doc_ids=doc_ids, device=q.device)
     if mask is not None:
@@ -164,14 +182,15 @@ def sdpa_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """torch's scaled_dot_product_attention; document masks go in as a dense boolean mask."""
+    gqa = k.shape[1] != q.shape[1]
     if doc_ids is None and (not causal or q.shape[-2] == k.shape[-2]):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     mask = attention_mask(q.shape[-2], k.shape[-2], causal=causal, doc_ids=doc_ids, device=q.device)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-register("eager", eager_attention, extra="built in")
-register("sdpa", sdpa_attention, extra="built in")
+register("eager", eager_attention, gqa=True, extra="built in")
+register("sdpa", sdpa_attention, gqa=True, extra="built in")
 
 _optional_loaded = False
 
