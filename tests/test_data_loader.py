@@ -1,0 +1,200 @@
+"""PackedLoader: exactly-once rank partition, resume, mixtures, labels, document ids, bad input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recpre.data.documents import document_ids, document_position_ids
+from recpre.data.loader import PackedLoader
+from recpre.data.packed import PackedWriter
+from recpre.errors import UserError
+
+B = 8  # block size; rows hold 9 tokens
+EOS, PAD = 1, 2
+
+
+def write_dataset(folder, n_rows, *, offset=0, rows_per_shard=96, rows_per_group=16, fill=5):
+    """Row i starts with the unique id offset + i + 10, so a batch tells which rows it holds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    w = PackedWriter(folder, B, meta={"eos_id": EOS, "pad_id": PAD, "vocab_size": 10**6}, rows_per_shard=rows_per_shard,
+                     rows_per_group=rows_per_group)  # fmt: skip
+    rows = np.full((n_rows, B + 1), fill, dtype=np.int32)
+    rows[:, 0] = np.arange(n_rows) + offset + 10
+    w.add_rows(rows)
+    w.close()
+    return folder
+
+
+def ids(batch):
+    return batch[0][:, 0].tolist()
+
+
+def epoch_ids(loader):
+    return [i for _ in range(len(loader)) for i in ids(next(loader))]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_partition_exactly_once(tmp_path, world):
+    n = 2 * 3 * 4 * 25  # divisible by world x micro_batch for every world size here
+    data = write_dataset(tmp_path / "d", n)
+    for epoch in range(2):
+        seen, counts = [], set()
+        for rank in range(world):
+            loader = PackedLoader([data], block_size=B, micro_batch_size=4, rank=rank, world_size=world, seed=1,
+                                  num_epochs=epoch + 1, prefetch=2)  # fmt: skip
+            got = [i for x, _ in loader for i in x[:, 0].tolist()]
+            got = got[len(got) // (epoch + 1) * epoch :]  # this epoch only
+            counts.add(len(got))
+            seen += got
+            assert loader.epoch == epoch + 1
+        assert sorted(seen) == list(range(10, n + 10)), "every row exactly once per epoch"
+        assert len(counts) == 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_uneven_rows_equal_batch_counts(tmp_path, world):
+    n = 101  # not divisible: the remainder is skipped so that ranks agree on the batch count
+    data = write_dataset(tmp_path / "d", n)
+    lengths, seen = set(), []
+    for rank in range(world):
+        loader = PackedLoader([data], block_size=B, micro_batch_size=4, rank=rank, world_size=world, num_epochs=1)
+        batches = list(loader)
+        lengths.add(len(batches))
+        assert len(batches) == len(loader) == (n // world) // 4
+        seen += [i for b in batches for i in ids(b)]
+    assert len(lengths) == 1
+    assert len(seen) == len(set(seen))
+    assert n - len(seen) < world * 4
+
+
+def test_shuffled_per_epoch_and_seed(tmp_path):
+    data = write_dataset(tmp_path / "d", 192)
+    a = PackedLoader([data], block_size=B, micro_batch_size=4, seed=0)
+    e0, e1 = epoch_ids(a), epoch_ids(a)
+    assert sorted(e0) == sorted(e1) and e0 != e1
+    assert e0 != sorted(e0)
+    b = PackedLoader([data], block_size=B, micro_batch_size=4, seed=1)
+    assert epoch_ids(b) != e0
+    c = PackedLoader([data], block_size=B, micro_batch_size=4, seed=0, prefetch=0)
+    assert epoch_ids(c) == e0  # prefetch does not change the order
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_resume_identical(tmp_path, prefetch):
+    d1 = write_dataset(tmp_path / "a", 120)
+    d2 = write_dataset(tmp_path / "b", 56, offset=1000)
+    for weights in (None, [0.6, 0.4]):
+        kw = dict(block_size=B, micro_batch_size=4, rank=1, world_size=2, seed=7, weights=weights, prefetch=prefetch)
+        ref = PackedLoader([d1, d2], **kw)
+        expected = [next(ref) for _ in range(40)]  # crosses epoch boundaries
+        run = PackedLoader([d1, d2], **kw)
+        for _ in range(13):
+            next(run)
+        buf = io.BytesIO()
+        torch.save(run.state_dict(), buf)
+        buf.seek(0)
+        state = torch.load(buf, weights_only=True)
+        run.close()
+        resumed = PackedLoader([d1, d2], **kw)
+        resumed.load_state_dict(state)
+        assert resumed.step == 13
+        for i in range(13, 40):
+            x, y = next(resumed)
+            assert torch.equal(x, expected[i][0]) and torch.equal(y, expected[i][1]), f"batch {i}"
+        # the state is the same on every rank: rank 0's copy resumes rank 1
+        other = PackedLoader([d1, d2], **{**kw, "rank": 0})
+        for _ in range(13):
+            next(other)
+        assert other.state_dict() == state
+
+
+def test_state_mismatch_is_user_error(tmp_path):
+    data = write_dataset(tmp_path / "d", 96)
+    state = PackedLoader([data], block_size=B, micro_batch_size=4, world_size=2).state_dict()
+    with pytest.raises(UserError, match="world_size"):
+        PackedLoader([data], block_size=B, micro_batch_size=4, world_size=4).load_state_dict(state)
+
+
+def test_mixture_proportions(tmp_path):
+    a = write_dataset(tmp_path / "a", 64, fill=5)
+    b = write_dataset(tmp_path / "b", 64, fill=6)
+    loader = PackedLoader([a, b], block_size=B, micro_batch_size=8, weights=[3, 1], seed=2)
+    n_batches = 250
+    rows_a = sum(int((next(loader)[0][:, 1] == 5).sum()) for _ in range(n_batches))
+    n = n_batches * 8
+    p = 0.75
+    assert abs(rows_a / n - p) < 4 * (p * (1 - p) / n) ** 0.5
+    assert min(s.epoch for s in loader._streams) >= 1  # both sources cycled
+    with pytest.raises(TypeError):
+        len(loader)
+
+
+def test_labels_shift_and_pad_mask(tmp_path):
+    folder = tmp_path / "p"
+    folder.mkdir()
+    w = PackedWriter(folder, B, meta={"eos_id": EOS, "pad_id": PAD})
+    w.add_tokens(np.array([7, 8, EOS, 9, 9, 9, EOS, 11, 12, EOS, 13], dtype=np.int32))  # 11 tokens: 2nd row padded
+    w.close()
+    loader = PackedLoader([folder], block_size=B, micro_batch_size=1, prefetch=0)
+    assert loader.eos_id == EOS and loader.pad_id == PAD
+    rows = sorted(([next(loader) for _ in range(2)]), key=lambda b: -b[0][0, 0].item())  # the row starting with 7 first
+    x, y = rows[0]
+    assert x[0].tolist() == [7, 8, EOS, 9, 9, 9, EOS, 11]
+    assert y[0].tolist() == [8, EOS, 9, 9, 9, EOS, 11, 12]
+    x2, y2 = rows[1]
+    assert x2[0].tolist() == [EOS, 13] + [PAD] * 6 and y2[0].tolist() == [13] + [-100] * 7
+    assert x.dtype == y.dtype == torch.int64
+    assert document_ids(x, EOS)[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 2]
+    assert loader.document_ids(x).tolist() == document_ids(x, EOS).tolist()
+    assert document_position_ids(x, EOS)[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
+
+
+def test_bad_inputs(tmp_path):
+    kw = dict(block_size=B, micro_batch_size=2)
+    with pytest.raises(UserError, match="nope.*does not exist"):
+        PackedLoader([tmp_path / "nope"], **kw)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty.*no .parquet"):
+        PackedLoader([tmp_path / "empty"], **kw)
+    good = write_dataset(tmp_path / "good", 64, rows_per_shard=64)
+    raw = (good / "part-00000.parquet").read_bytes()
+    (tmp_path / "trunc").mkdir()
+    (tmp_path / "trunc" / "t.parquet").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match="t.parquet.*corrupted or truncated"):
+        PackedLoader([tmp_path / "trunc"], **kw)
+    # corrupted data pages behind an intact footer: reported when the row group is read, naming the file
+    corrupt = bytearray(raw)
+    corrupt[4:2000] = b"\xff" * 1996
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "c.parquet").write_bytes(bytes(corrupt))
+    loader = PackedLoader([tmp_path / "corrupt"], **kw)
+    with pytest.raises(UserError, match="c.parquet"):
+        for _ in range(len(loader)):
+            next(loader)
+    pq.write_table(pa.table({"tokens": [[1] * (B + 1)] * 4}), tmp_path / "col.parquet")
+    with pytest.raises(UserError, match="col.parquet.*no column 'input_ids'"):
+        PackedLoader([tmp_path / "col.parquet"], **kw)
+    with pytest.raises(UserError, match="part-00000.parquet.*rows of 9 tokens but block_size 16"):
+        PackedLoader([good], block_size=16, micro_batch_size=2)
+    pq.write_table(pa.table({"input_ids": [[1] * (B + 1)] * 3 + [[1] * B]}), tmp_path / "ragged.parquet")
+    with pytest.raises(UserError, match="ragged.parquet.*row of 8 tokens"):
+        lo = PackedLoader([tmp_path / "ragged.parquet"], **kw)
+        next(lo)
+    with pytest.raises(UserError, match="fewer than world_size"):
+        PackedLoader([good], block_size=B, micro_batch_size=64, world_size=2)
+    with pytest.raises(UserError, match="weights"):
+        PackedLoader([good, good], **kw, weights=[1.0])
+
+
+def test_foreign_list_column_is_accepted(tmp_path):
+    rows = [[i] + [3] * B for i in range(32)]
+    pq.write_table(pa.table({"input_ids": pa.array(rows, type=pa.list_(pa.int64()))}), tmp_path / "f.parquet",
+                   row_group_size=8)  # fmt: skip
+    loader = PackedLoader([tmp_path / "f.parquet"], block_size=B, micro_batch_size=4, num_epochs=1)
+    assert sorted(i for x, _ in loader for i in x[:, 0].tolist()) == list(range(32))
