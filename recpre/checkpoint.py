@@ -1,0 +1,398 @@
+"""Checkpoints: atomic save, verified load, resume, retention.
+
+A checkpoint is a folder `RUN/checkpoints/step-NNNNNNNN/`:
+
+    model.safetensors   weights (tied tensors stored once)
+    state.pt            optimizer, counters, schedule, depth-sampler position, RNG and loader state of
+                        rank 0; plain tensors and python types only, so `torch.load(weights_only=True)`
+                        reads it (no arbitrary pickles)
+    rank-NNNNN.pt       the same per-rank part for ranks > 0 (multi-process runs only)
+    settings.yaml       the resolved settings of the run
+    model_config.json   ModelConfig.to_dict()
+    manifest.json       sha256 and size of every other file; written last
+
+It is written into `checkpoints/.tmp-step-NNNNNNNN/`, fsync'd and renamed, then the text file
+`checkpoints/latest` is replaced atomically. A folder without a valid manifest is never used: loading
+falls back to the previous complete checkpoint with a warning that names the bad one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recpre.errors import UserError
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+SETTINGS_FILE = "settings.yaml"
+CONFIG_FILE = "model_config.json"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d{8,})$")
+
+# ModelConfig fields that are runtime choices, not shape: a checkpoint loads whatever they are.
+RUNTIME_FIELDS = frozenset({"name", "attention", "fused_head", "activation_checkpointing", "compile", "extra"})
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that is incomplete or corrupt."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+# -- RNG ------------------------------------------------------------------------------------------------
+
+
+def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Every generator a training step draws from, as weights_only-safe objects."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    device = torch.device(device) if device is not None else None
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# -- files ----------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.name == MANIFEST_FILE or not path.is_file():
+            continue
+        _fsync_file(path)
+        files[path.name] = {"sha256": _sha256(path), "size": path.stat().st_size}
+    manifest = {"format": FORMAT_VERSION, "step": step, "created": time.time(), "files": files}
+    with open(folder / MANIFEST_FILE, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def verify_checkpoint(folder: Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; CheckpointError naming what is wrong otherwise."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder} has no {MANIFEST_FILE} (an interrupted save?)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path} is not a valid manifest") from err
+    for required in (MODEL_FILE, STATE_FILE, CONFIG_FILE):
+        if required not in files:
+            raise CheckpointError(f"{folder} manifest lists no {required}")
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if path.stat().st_size != meta["size"]:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, the manifest says {meta['size']}")
+        if _sha256(path) != meta["sha256"]:
+            raise CheckpointError(f"{path} does not match its sha256 in the manifest")
+    return manifest
+
+
+# -- locating -------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under `root` (a checkpoints/ folder) that have a manifest, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = _STEP_RE.match(path.name)
+        if m and path.is_dir() and (path / MANIFEST_FILE).is_file():
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def _latest_candidates(root: Path) -> list[Path]:
+    """The folder `latest` names first, then every complete folder, newest first."""
+    candidates = list(reversed(list_checkpoints(root)))
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        if named in candidates:
+            candidates.remove(named)
+        candidates.insert(0, named)
+    return candidates
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest checkpoint under `root` (a checkpoints/ folder) that verifies; None when there is none.
+
+    A bad one (torn, corrupt, missing files) is skipped with a warning that names it.
+    """
+    for folder in _latest_candidates(Path(root)):
+        try:
+            verify_checkpoint(folder)
+            return folder
+        except CheckpointError as err:
+            warnings.warn(f"skipping bad checkpoint {folder}: {err}; falling back to the previous one", stacklevel=2)
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A verified checkpoint folder from a checkpoint folder, a `latest` file, a checkpoints/ or a run folder."""
+    path = Path(path)
+    if path.is_file() and path.name == LATEST:
+        root = path.parent
+    elif path.is_dir() and (path / MANIFEST_FILE).exists() or _STEP_RE.match(path.name):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            raise UserError(f"checkpoint {path} cannot be used: {err}") from err
+        return path
+    elif path.is_dir() and (path / CHECKPOINTS_DIR).is_dir():
+        root = path / CHECKPOINTS_DIR
+    elif path.is_dir() and (path / LATEST).is_file() or list_checkpoints(path):
+        root = path
+    else:
+        raise UserError(f"{path} is not a checkpoint folder, a run folder or a checkpoints/latest file")
+    found = find_latest(root)
+    if found is None:
+        raise UserError(f"no complete checkpoint under {root}; pass a step-NNNNNNNN folder that has a manifest.json")
+    return found
+
+
+# -- saving ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    model_config: dict[str, Any],
+    settings_yaml: str,
+    state: dict[str, Any],
+    rank_state: dict[str, Any],
+    fabric: Any = None,
+    keep: int = 0,
+) -> Path:
+    """Write checkpoint `step` atomically under `root` (RUN/checkpoints) and point `latest` at it.
+
+    `state` is shared by all ranks (written by rank 0); `rank_state` is this rank's own (loader, RNG).
+    Every rank must call this; on a shared filesystem each rank writes its own rank file.
+    """
+    from safetensors.torch import save_model
+
+    root = Path(root)
+    rank = fabric.rank if fabric is not None else 0
+    world = fabric.world_size if fabric is not None else 1
+    name = checkpoint_name(step)
+    final = root / name
+    tmp = root / f".tmp-{name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if world > 1:
+        fabric.barrier()
+    if rank != 0:
+        torch.save(rank_state, tmp / rank_file(rank))
+    else:
+        save_model(unwrap_model(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        torch.save(
+            {"format": FORMAT_VERSION, "step": step, "world_size": world, **state, "rank": rank_state}, tmp / STATE_FILE
+        )
+        (tmp / SETTINGS_FILE).write_text(settings_yaml, encoding="utf-8")
+        (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=1, sort_keys=True), encoding="utf-8")
+    if world > 1:
+        fabric.barrier()
+    if rank == 0:
+        _write_manifest(tmp, step)
+        if final.exists():  # a re-save of the same step (e.g. resumed and stopped again right away)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_text_atomic(root / LATEST, name + "\n")
+        prune_checkpoints(root, keep)
+    if world > 1:
+        fabric.barrier()
+    return final
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (keep <= 0 keeps all) and stale temp folders."""
+    removed = []
+    for path in Path(root).glob(".tmp-step-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    if keep <= 0:
+        return removed
+    latest = Path(root) / LATEST
+    pinned = (Path(root) / latest.read_text().strip()) if latest.is_file() else None
+    for path in list_checkpoints(root)[:-keep]:
+        if path != pinned:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+# -- loading --------------------------------------------------------------------------------------------
+
+
+def load_state(folder: Path, rank: int = 0) -> dict[str, Any]:
+    """state.pt with this rank's part under "rank" (None when the checkpoint has no state for this rank)."""
+    folder = Path(folder)
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    if rank != 0:
+        path = folder / rank_file(rank)
+        state["rank"] = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    return state
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def shape_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Fields (other than runtime choices) on which two ModelConfig dicts differ, as 'field saved -> now'."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RUNTIME_FIELDS:
+            continue
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{key} {saved.get(key)!r} (checkpoint) vs {current.get(key)!r} (this run)")
+    return diffs
+
+
+def check_same_shape(folder: Path, current: dict[str, Any]) -> None:
+    diffs = shape_differences(read_model_config(folder), current)
+    if diffs:
+        raise UserError(
+            f"checkpoint {folder} holds a different model shape ({'; '.join(diffs)}); "
+            "use model.name/model.overrides that match it, or a new run.name / run.resume=never"
+        )
+
+
+def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any] | None = None) -> Path:
+    """Load weights only (fine-tuning, imported checkpoints) from a checkpoint/run folder, a Huginn folder
+    (config.json + safetensors, the public Huginn-0125 format) or a .safetensors file.
+
+    With `config`, a checkpoint of another model shape is refused with the list of differing fields.
+    """
+    from safetensors.torch import load_model as st_load_model
+
+    source = Path(source)
+    if source.is_dir() and (source / "config.json").is_file() and not (source / MANIFEST_FILE).exists():
+        from recpre.interop.huginn import from_huginn
+
+        imported = from_huginn(source)
+        diffs = shape_differences(imported.config.to_dict(), config) if config is not None else []
+        if diffs:
+            raise UserError(
+                f"Huginn checkpoint {source} holds a different model shape ({'; '.join(diffs)}); "
+                "use model.name/model.overrides that match it"
+            )
+        unwrap_model(model).load_state_dict(imported.state_dict(), strict=True)
+        return source
+    if source.is_file() and source.suffix == ".safetensors":
+        file = source
+    else:
+        folder = resolve_checkpoint(source)
+        if config is not None:
+            check_same_shape(folder, config)
+        file = folder / MODEL_FILE
+    try:
+        st_load_model(unwrap_model(model), str(file), strict=True)
+    except RuntimeError as err:
+        raise UserError(f"weights in {file} do not fit this model ({str(err).splitlines()[0]})") from err
+    return file
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """(model in eval mode, settings) from a checkpoint folder, a run folder, or a `latest` file."""
+    from recpre.config import ModelConfig
+    from recpre.model import build_model
+    from recpre.settings import load_settings
+
+    folder = resolve_checkpoint(path)
+    config = ModelConfig.from_dict(read_model_config(folder))
+    settings = load_settings(folder / SETTINGS_FILE, [])
+    model = build_model(config, device="cpu")
+    load_weights(model, folder)
+    return model.to(device).eval(), settings
