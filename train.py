@@ -223,6 +223,9 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
     if ckpt is not None:
         state = load_state(ckpt, fabric.rank)
         load_weights(model, ckpt)
+    if ckpt is not None and "optimizer" not in state:  # imported weights (evaluate/import_huginn.py): step 0
+        fabric.print(f"starting from the weights of {ckpt} (no optimizer state: an imported checkpoint)")
+    elif ckpt is not None:
         optimizer.load_state_dict(state["optimizer"])
         progress.update(state["progress"])
         guard.load_state_dict(state["guard"])
