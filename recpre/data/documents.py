@@ -1,19 +1,17 @@
-"""Document boundaries inside packed rows, for document masking and per-document positions.
+"""Document boundaries inside packed rows, as the data side sees them.
 
-Convention: an EOS token ends its document and belongs to it; the next token starts a new document.
-`recpre.attention` takes `doc_ids` [batch, seq] from `document_ids`; the model takes `position_ids`
-from `document_position_ids` when `data.reset_position_ids` is on.
+Convention: an EOS token ends its document and belongs to it; the next token starts a new document. The one
+implementation lives in `recpre.attention.documents` (attention masks and varlen kernels need it); this
+module names it in the loader's terms (token ids and an EOS id).
 """
 
 from __future__ import annotations
 
 import torch
 
+from recpre.attention.documents import document_ids, document_positions
 
-def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Per-token document index within each row (0, 0, 0(eos), 1, 1, ...), int64, same shape as input_ids."""
-    is_eos = (input_ids == eos_id).to(torch.int64)
-    return torch.cumsum(is_eos, dim=-1) - is_eos
+__all__ = ["document_ids", "document_position_ids", "eos_positions"]
 
 
 def eos_positions(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -23,10 +21,4 @@ def eos_positions(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 def document_position_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Position of each token within its own document (restarts at 0 after every EOS), int64."""
-    seq = input_ids.shape[-1]
-    idx = torch.arange(seq, device=input_ids.device).expand_as(input_ids)
-    prev_eos = torch.zeros_like(input_ids, dtype=torch.bool)
-    prev_eos[..., 1:] = input_ids[..., :-1] == eos_id
-    starts = torch.where(prev_eos, idx, torch.zeros_like(idx))
-    starts = torch.cummax(starts, dim=-1).values
-    return idx - starts
+    return document_positions(document_ids(input_ids, eos_id))
