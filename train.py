@@ -191,7 +191,9 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
     loader = make_loader(settings, config, fabric, data)
     val_batches = []
     if settings.eval.interval > 0 and data.val:
-        val_batches = first_batches(make_loader(settings, config, fabric, data, val=True), settings.eval.max_batches)
+        val_batches = first_batches(
+            make_loader(settings, config, fabric, data, val=True), settings.eval.max_batches // fabric.world_size
+        )
     inputs = {
         "eos_id": data.eos_id,
         "document_mask": settings.data.document_mask,

@@ -144,7 +144,7 @@ class LogSettings:
 class EvalSettings:
     interval: int = 100  # optimizer steps between validations; 0 = off
     depths: list[int] = field(default_factory=lambda: [1, 4, 8])  # recurrence depths (the driver adds the mean)
-    max_batches: int = 10  # validation micro-batches per depth
+    max_batches: int = 8  # validation micro-batches per depth, over all ranks (the same rows at any world size)
     micro_batch_size: int | None = None  # None = train.micro_batch_size
 
 
@@ -722,6 +722,13 @@ def validate_for_world(settings: Settings, world_size: int) -> None:
         where,
         f"({t.world_batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size}) "
         f"x world size ({world_size}) = {per_step}",
+    )
+    _require(
+        settings.eval.max_batches % world_size == 0,
+        "eval.max_batches",
+        where,
+        f"({settings.eval.max_batches}) must be a multiple of the world size ({world_size}), "
+        "so every rank validates the same number of batches",
     )
     if sc.batch_size_ramp > 0 and sc.ramp_start_batch_size:
         _require(

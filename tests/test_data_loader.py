@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from recpre.data import loader as loader_module
 from recpre.data.documents import document_ids, document_position_ids
 from recpre.data.loader import PackedLoader
-from recpre.data.packed import PackedWriter
+from recpre.data.packed import PackedFile, PackedWriter
 from recpre.errors import UserError
 
 B = 8  # block size; rows hold 9 tokens
@@ -39,8 +40,76 @@ def epoch_ids(loader):
     return [i for _ in range(len(loader)) for i in ids(next(loader))]
 
 
+@pytest.fixture(params=["one window", "small windows", "small windows, 4 lanes"])
+def windows(request, monkeypatch):
+    """Run a test with the default window (the whole tiny dataset) and with 23-row windows, which split row
+    groups (16 rows), batches and rank strides at odd places; the last also cuts each window into 4 lanes of
+    5-6 rows."""
+    if request.param != "one window":
+        monkeypatch.setattr(loader_module, "WINDOW_TOKENS", 23 * (B + 1))
+    if request.param.endswith("4 lanes"):
+        monkeypatch.setattr(loader_module, "LANES", 4)
+        monkeypatch.setattr(loader_module, "MIN_LANE_ROWS", 4)
+    return request.param
+
+
+def step_rows(data, world, steps, *, world_batch=16, micro=2, **kw):
+    """Rows (as ids) of the first `steps` optimizer steps, one sorted list per step, with the batch split over
+    `world` ranks as train.py does: world_batch / (micro x world) consecutive micro-batches per rank."""
+    accum = world_batch // (micro * world)
+    loaders = [
+        PackedLoader([data], block_size=B, micro_batch_size=micro, rank=r, world_size=world, **kw) for r in range(world)
+    ]
+    out = []
+    for _ in range(steps):
+        out.append(sorted(i for lo in loaders for _ in range(accum) for i in ids(next(lo))))
+    return out
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_steps_independent_of_world_size(tmp_path, windows, prefetch):
+    """The rows of each optimizer step do not depend on the world size (issue 6: a 2-process run must equal a
+    single process with the same world batch), over several epochs when the epoch splits evenly."""
+    data = write_dataset(tmp_path / "d", 208)  # divisible by micro x world for worlds 1, 2, 4
+    steps = 3 * 208 // 16 + 2  # three epochs and a bit
+    ref = step_rows(data, 1, steps, seed=3, prefetch=prefetch)
+    for world in (2, 4):
+        assert step_rows(data, world, steps, seed=3, prefetch=prefetch) == ref, f"world {world}"
+    flat = [i for step in ref[: 208 // 16] for i in step]
+    assert sorted(flat) == list(range(10, 218))  # the first epoch is the dataset, exactly once
+    assert [i for step in ref[:3] for i in step] != sorted(i for step in ref[:3] for i in step)  # shuffled
+
+
+def test_uneven_epoch_only_tail_differs(tmp_path, windows):
+    """With N not divisible by micro x world, only the skipped tail of an epoch depends on the world size."""
+    data = write_dataset(tmp_path / "d", 203)  # usable rows: 202 (world 1), 200 (worlds 2, 4)
+    steps = 200 // 16
+    ref = step_rows(data, 1, steps, seed=5)
+    for world in (2, 4):
+        assert step_rows(data, world, steps, seed=5) == ref, f"world {world}"
+
+
+def test_rank_reads_only_its_lanes(tmp_path, monkeypatch):
+    """A rank reads only the row groups holding its rows, each once per window: a window of 8192 rows is 128
+    lanes of 64 rows (16 groups of 4 rows), and rank 3 of 32 owns lanes 3, 35, 67, 99 in full: it reads
+    their 64 groups and nothing else (read amplification 1, not the world size)."""
+    data = write_dataset(tmp_path / "d", 8192, rows_per_shard=1024, rows_per_group=4)
+    reads = []
+    original = PackedFile.read_group
+
+    def counting(self, index):
+        reads.append((self.path.name, index))
+        return original(self, index)
+
+    monkeypatch.setattr(PackedFile, "read_group", counting)
+    loader = PackedLoader([data], block_size=B, micro_batch_size=1, rank=3, world_size=32, prefetch=0, num_epochs=1)
+    got = [i for x, _ in loader for i in x[:, 0].tolist()]
+    assert len(got) == len(set(got)) == 256
+    assert len(reads) == len(set(reads)) == 64
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_partition_exactly_once(tmp_path, world):
+def test_partition_exactly_once(tmp_path, world, windows):
     n = 2 * 3 * 4 * 25  # divisible by world x micro_batch for every world size here
     data = write_dataset(tmp_path / "d", n)
     for epoch in range(2):
@@ -58,7 +127,7 @@ def test_partition_exactly_once(tmp_path, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_uneven_rows_equal_batch_counts(tmp_path, world):
+def test_uneven_rows_equal_batch_counts(tmp_path, world, windows):
     n = 101  # not divisible: the remainder is skipped so that ranks agree on the batch count
     data = write_dataset(tmp_path / "d", n)
     lengths, seen = set(), []
@@ -73,7 +142,7 @@ def test_uneven_rows_equal_batch_counts(tmp_path, world):
     assert n - len(seen) < world * 4
 
 
-def test_shuffled_per_epoch_and_seed(tmp_path):
+def test_shuffled_per_epoch_and_seed(tmp_path, windows):
     data = write_dataset(tmp_path / "d", 192)
     a = PackedLoader([data], block_size=B, micro_batch_size=4, seed=0)
     e0, e1 = epoch_ids(a), epoch_ids(a)
@@ -86,7 +155,7 @@ def test_shuffled_per_epoch_and_seed(tmp_path):
 
 
 @pytest.mark.parametrize("prefetch", [0, 3])
-def test_resume_identical(tmp_path, prefetch):
+def test_resume_identical(tmp_path, prefetch, windows):
     d1 = write_dataset(tmp_path / "a", 120)
     d2 = write_dataset(tmp_path / "b", 56, offset=1000)
     for weights in (None, [0.6, 0.4]):
@@ -119,6 +188,8 @@ def test_state_mismatch_is_user_error(tmp_path):
     state = PackedLoader([data], block_size=B, micro_batch_size=4, world_size=2).state_dict()
     with pytest.raises(UserError, match="world_size"):
         PackedLoader([data], block_size=B, micro_batch_size=4, world_size=4).load_state_dict(state)
+    with pytest.raises(UserError, match="format version 1"):
+        PackedLoader([data], block_size=B, micro_batch_size=4, world_size=2).load_state_dict({**state, "version": 1})
 
 
 def test_mixture_proportions(tmp_path):

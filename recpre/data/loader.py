@@ -1,21 +1,35 @@
 """PackedLoader: packed parquet rows -> (input_ids, labels) batches for one rank, exactly once per epoch.
 
-Order of one epoch of one source (the same computation on every rank, from `seed` and the epoch):
-  1. the source's row groups (over all its files) are permuted;
-  2. that row-group order defines a stream of N rows; rank r owns the contiguous slice
-     [r * P, (r + 1) * P) with P = (N // world_size) // micro_batch_size * micro_batch_size;
-  3. the slice is cut into windows of `window` rows (a multiple of micro_batch_size, ~8M tokens);
-     rows inside each window are permuted, and batches are consecutive runs of micro_batch_size rows.
-So every row is read at most once per epoch, by one rank, and every rank yields exactly P / micro_batch_size
-batches: ranks never disagree on the batch count (a disagreement would hang DDP). The leftover
-N - world_size * P rows (fewer than world_size * micro_batch_size) are skipped in that epoch; since the
-row-group order changes each epoch, different rows are skipped each time. With N divisible by
+Order of one epoch of one source: a global row order that does not depend on the world size, dealt out to
+the ranks row by row. The same computation runs on every rank, from `seed` and the epoch:
+  1. the source's row groups (over all its files) are permuted: a stream of N rows;
+  2. the stream is cut into windows of `window` rows (~64M tokens, from block_size only), each window into
+     `lanes` contiguous lanes (LANES = 128, fewer for small windows so a lane keeps >= MIN_LANE_ROWS rows);
+     position i * lanes + l of a window is the i-th row of lane l in a per-(epoch, window, lane) random order.
+     Consecutive positions thus come from different lanes (different parts of the data), and one residue
+     class of positions modulo a world size that divides `lanes` is a set of whole lanes;
+  3. the first U = N // (world_size * micro_batch_size) * (world_size * micro_batch_size) positions are used;
+     rank r's k-th row is global position r + world_size * k, and its batches are runs of micro_batch_size of
+     its rows.
+So every row is read at most once per epoch, by one rank, and every rank yields exactly U / world_size /
+micro_batch_size batches: ranks never disagree on the batch count (a disagreement would hang DDP). The
+leftover N - U rows (fewer than world_size * micro_batch_size, at the epoch's end) are skipped in that epoch;
+since the row-group order changes each epoch, different rows are skipped each time. With N divisible by
 world_size * micro_batch_size, the union over ranks of an epoch is exactly the dataset.
 
-Several paths without weights are one dataset. With `weights`, each path is a source; every row of a batch
-picks its source with those probabilities, from a generator seeded by (seed, batch index) and identical on
-all ranks, so ranks stay in lockstep and each source keeps its own per-rank partition and epochs.
-The loader state (batch count, and per source its epoch and position) is therefore the same on every rank:
+World-size invariance (single source, i.e. no `weights`): when every rank has consumed k rows, the ranks
+together have consumed global positions [0, world_size * k). A training step that takes W rows in all
+(world_batch_size, split into consecutive micro-batches per rank) therefore trains on the same set of rows
+whatever the world size (or micro-batch size); only the skipped tail of each epoch differs.
+Reads: a rank reads, once per window, only the row groups that hold its rows, and holds about
+window / world_size rows. For world sizes dividing LANES it owns whole lanes, so it reads ~1.5x the rows it
+uses (lane edges cut row groups); beyond, about world_size / LANES x that, never more than the row-group size.
+
+Several paths without weights are one dataset. With `weights`, each path is a source with its own global
+order and epochs, dealt out as above; every row of a batch picks its source with those probabilities, from a
+generator seeded by (seed, batch index) and identical on all ranks, so ranks stay in lockstep. The draws are
+per rank batch, so a mixture's rows per step depend on the world size (exactly once per epoch still holds).
+The loader state (batch count, and per source its epoch and rank row count) is the same on every rank:
 saving rank 0's `state_dict()` is enough to resume all ranks. Labels are inputs shifted by one; PAD labels are
 -100. A background thread prepares `prefetch` batches ahead.
 """
@@ -37,8 +51,10 @@ from recpre.data.documents import document_ids
 from recpre.data.packed import PackedFile, open_packed, parquet_files
 from recpre.errors import UserError
 
-STATE_VERSION = 1
-WINDOW_TOKENS = 1 << 23
+STATE_VERSION = 2  # 2: world-size-independent global order, rows interleaved over ranks
+WINDOW_TOKENS = 1 << 26  # rows held at world size 1 (256 MB as int32); a rank holds 1 / world_size of it
+LANES = 128  # stripes per window (a power of two): reads stay local for world sizes dividing LANES
+MIN_LANE_ROWS = 64
 IGNORE_INDEX = -100
 MIX_BLOCK = 256  # mixture draws are made for this many batches at once
 _END = object()
@@ -59,36 +75,44 @@ class _Source:
         self.group_rows = np.array([n for f in files for n in f.group_rows], dtype=np.int64)
         self.num_rows = int(self.group_rows.sum())
 
-    def read(self, order: np.ndarray, ends: np.ndarray, a: int, b: int) -> np.ndarray:
-        """Rows at stream positions [a, b) of the row-group order `order` (ends = cumsum of its sizes)."""
-        pieces = []
-        j = int(np.searchsorted(ends, a, side="right"))
-        while a < b:
+    def gather(self, order: np.ndarray, ends: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, index): the row groups holding `positions` of the stream `order`, each read once and
+        concatenated in stream order, and where each position's row lies in them (ends = cumsum of sizes)."""
+        slots = np.searchsorted(ends, positions, side="right")
+        touched, inverse = np.unique(slots, return_inverse=True)
+        sizes = self.group_rows[order[touched]]
+        base = np.cumsum(sizes) - sizes  # where each touched group starts in the buffer
+        index = base[inverse] + (positions - (ends[slots] - self.group_rows[order[slots]]))
+        rows: np.ndarray | None = None
+        for j, at, n in zip(touched, base, sizes):
             g = order[j]
-            start = int(ends[j] - self.group_rows[g])
-            rows = self.files[self.group_file[g]].read_group(int(self.group_index[g]))
-            lo, hi = a - start, min(b, int(ends[j])) - start
-            pieces.append(rows[lo:hi])
-            a = start + hi
-            j += 1
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            piece = self.files[self.group_file[g]].read_group(int(self.group_index[g]))
+            if len(touched) == 1:
+                return piece, index
+            if rows is None:  # filled group by group: no second window-sized copy from a concatenate
+                rows = np.empty((int(sizes.sum()), piece.shape[1]), dtype=piece.dtype)
+            rows[at : at + n] = piece
+        return rows, index
 
 
 class _Stream:
-    """One rank's view of one source: its epoch, its position in its slice, and the current window.
+    """One rank's view of one source's epoch order: its epoch, its row count `pos`, and the current window.
 
-    A window is read once (whole row groups, contiguous); its row permutation is applied per batch by a
-    small gather, which stays in cache (a window-wide permuted copy costs a full extra pass over memory).
+    Rank r's k-th row of an epoch is global position r + world_size * k. For the window holding that position,
+    the rank maps all its positions in the window through the window's lane order to stream positions, reads
+    the row groups they touch once, and gathers a batch's rows from them by a small per-batch take.
     """
 
     def __init__(self, source: _Source, sid: int, seed: int, rank: int, world_size: int, micro: int, window: int):
-        self.source, self.sid, self.seed, self.rank = source, sid, seed, rank
-        self.per_rank = (source.num_rows // world_size) // micro * micro
+        self.source, self.sid, self.seed, self.rank, self.world = source, sid, seed, rank, world_size
+        self.usable = source.num_rows // (world_size * micro) * (world_size * micro)
+        self.per_rank = self.usable // world_size
         self.window = window
         self.epoch = 0
         self.pos = 0
         self._rows: np.ndarray | None = None
-        self._perm: np.ndarray | None = None
+        self._index: np.ndarray | None = None
+        self._first = 0  # the rank's row count at the first of its positions in the loaded window
         self._key: tuple[int, int] = (-1, -1)
         self._order_epoch = -1
 
@@ -100,25 +124,48 @@ class _Stream:
         return self._order_cache
 
     def _load_window(self) -> int:
-        k = self.pos // self.window
-        if self._key != (self.epoch, k):
-            self._rows = None  # let the old window go before reading the next
-            lo, hi = k * self.window, min((k + 1) * self.window, self.per_rank)
+        r, world = self.rank, self.world
+        w = (r + world * self.pos) // self.window
+        if self._key != (self.epoch, w):
+            self._rows = self._index = None  # let the old window go before reading the next
+            lo = w * self.window
+            size = min(self.window, self.source.num_rows - lo)
+            first = -(-(lo - r) // world)  # ceil: the rank's first row count inside the window
+            last = -(-(min(lo + size, self.usable) - r) // world)
+            mine = r + world * np.arange(first, last, dtype=np.int64) - lo
             order, ends = self._order()
-            base = self.rank * self.per_rank
-            self._rows = self.source.read(order, ends, base + lo, base + hi)
-            self._perm = _rng(self.seed, 1, self.sid, self.epoch, self.rank, k).permutation(hi - lo)
-            self._key = (self.epoch, k)
-        return k * self.window
+            self._rows, self._index = self.source.gather(order, ends, lo + self._striped(mine, size, w))
+            self._first = first
+            self._key = (self.epoch, w)
+        return self._first
+
+    def _striped(self, q: np.ndarray, size: int, w: int) -> np.ndarray:
+        """Window-relative stream rows at window positions q: the window's `size` rows are cut into `lanes`
+        contiguous lanes, and position i * lanes + l is the i-th row (in a per-lane random order) of lane l.
+
+        A batch of consecutive positions so draws from different lanes (different row groups), while a rank's
+        positions (one residue modulo world_size) fall in lanes / gcd(lanes, world_size) lanes, which it uses
+        in full when world_size divides lanes: it then reads about 1.5x the rows it needs (lane edges cut row
+        groups). Lanes keep at least MIN_LANE_ROWS rows so that small data is still shuffled row by row.
+        """
+        lanes = 1 << (max(1, min(LANES, size // MIN_LANE_ROWS)).bit_length() - 1)  # a power of two
+        length, extra = divmod(size, lanes)  # lanes < extra hold one row more
+        lane, rounds = q % lanes, q // lanes
+        out = np.empty_like(q)
+        for ln in np.unique(lane):
+            sel = lane == ln
+            perm = _rng(self.seed, 1, self.sid, self.epoch, w, ln).permutation(length + (ln < extra))
+            out[sel] = ln * length + min(ln, extra) + perm[rounds[sel]]
+        return out
 
     def take(self, n: int) -> np.ndarray:
         """The next n rows of this rank's epoch order (crossing into the next epoch if needed)."""
         pieces = []
         while n:
-            start = self._load_window()
-            off = self.pos - start
-            k = min(n, len(self._perm) - off)
-            pieces.append(np.take(self._rows, self._perm[off : off + k], axis=0))
+            first = self._load_window()
+            off = self.pos - first
+            k = min(n, len(self._index) - off)
+            pieces.append(np.take(self._rows, self._index[off : off + k], axis=0))
             self.pos += k
             n -= k
             if self.pos == self.per_rank:
@@ -188,8 +235,7 @@ class PackedLoader:
         self.vocab_size: int | None = max(vocab) if vocab else None
         self.num_rows = sum(s.num_rows for s in self.sources)
 
-        row_tokens = (block_size + 1) * micro_batch_size
-        self.window = max(1, WINDOW_TOKENS // row_tokens) * micro_batch_size
+        self.window = max(1, WINDOW_TOKENS // (block_size + 1))  # rows; independent of world and batch size
         self._mask_id = self.pad_id if self.pad_id is not None and self.pad_id != self.eos_id else None
         self._streams = [
             _Stream(s, i, seed, rank, world_size, micro_batch_size, self.window) for i, s in enumerate(self.sources)
@@ -236,6 +282,12 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         mine = self._fingerprint()
+        if state.get("version") != STATE_VERSION:
+            raise UserError(
+                f"loader state has format version {state.get('version')!r} but this loader uses {STATE_VERSION}: "
+                "the data order changed between versions, so this data position cannot be resumed exactly; resume "
+                "with the recpre version that saved it, or start a new run with run.init_from=<checkpoint>"
+            )
         for key, value in mine.items():
             if state.get(key) != value:
                 raise UserError(
