@@ -23,6 +23,7 @@ import torch
 
 from recpre.checkpoint import (
     CHECKPOINTS_DIR,
+    MODEL_FILE,
     check_same_shape,
     find_latest,
     list_checkpoints,
@@ -38,8 +39,8 @@ from recpre.fabric import SimpleFabric
 from recpre.flops import device_peak, mfu, training_flops_per_token
 from recpre.model import build_model, sample_depth
 from recpre.monitor import Monitor, Throughput
-from recpre.optim import build_optimizer
-from recpre.preemption import StopRequest
+from recpre.optim import build_optimizer, load_optimizer_state
+from recpre.preemption import StopRequest, stop_code
 from recpre.schedules import BatchPlan, learning_rate
 from recpre.settings import load_settings, model_config, save_settings, settings_to_yaml, validate_for_world
 from recpre.training import (
@@ -151,6 +152,55 @@ def find_resume(settings: Any, run_dir: Path, config: Any) -> Path | None:
     return ckpt
 
 
+def agree_on_checkpoint(settings: Any, run_dir: Path, config: Any, fabric: SimpleFabric) -> Path | None:
+    """Rank 0 finds and verifies the checkpoint (hashing it once, not once per rank) and tells every rank,
+    so that all ranks load the same one even when their views of a shared filesystem lag."""
+    found: tuple[str, Any] = ("ok", None)
+    if fabric.is_main:
+        try:
+            found = ("ok", find_resume(settings, run_dir, config))
+        except UserError as err:
+            found = ("error", str(err))
+    kind, value = fabric.broadcast_object(found) if fabric.world_size > 1 else found
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def optimizer_identity(settings: Any) -> dict[str, Any]:
+    """What an optimizer state is only valid for: the rule and the parameter grouping."""
+    return {"name": settings.optim.name, "no_decay": list(settings.optim.no_decay)}
+
+
+def restore(ckpt: Path, settings: Any, fabric: SimpleFabric, model, optimizer, progress, guard, loader) -> None:
+    """Weights, optimizer moments, counters, guardrail, data position and RNG, exactly where they were;
+    hyperparameters (lr, weight decay, betas) come from this run's settings."""
+    state = load_state(ckpt, fabric.rank)
+    load_weights(model, ckpt / MODEL_FILE)  # verified by rank 0 in agree_on_checkpoint
+    if "optimizer" not in state:  # imported weights (evaluate/import_huginn.py): training starts at step 0
+        fabric.print(f"starting from the weights of {ckpt} (no optimizer state: an imported checkpoint)")
+        return
+    if state.get("world_size", fabric.world_size) != fabric.world_size:
+        raise UserError(
+            f"checkpoint {ckpt} was written by {state['world_size']} ranks but this run has {fabric.world_size}; "
+            f"resume with the same number of ranks, or start a new run with run.init_from={ckpt}"
+        )
+    saved, current = state.get("optim"), optimizer_identity(settings)
+    if saved is not None and saved != current:
+        raise UserError(
+            f"checkpoint {ckpt} holds optimizer state for {saved} but this run uses {current}; resume with the "
+            f"same optim.name and optim.no_decay, or start a new run with run.init_from={ckpt}"
+        )
+    load_optimizer_state(optimizer, state["optimizer"], source=str(ckpt))
+    progress.update(state["progress"])
+    guard.load_state_dict(state["guard"])
+    if state["rank"] is not None:
+        loader.load_state_dict(state["rank"]["loader"])
+        set_rng_state(state["rank"]["rng"], fabric.device)
+    elif fabric.is_main:
+        print(f"warning: {ckpt} has no state for rank {fabric.rank}; its data order restarts", file=sys.stderr)
+
+
 # -- the run --------------------------------------------------------------------------------------------
 
 
@@ -194,8 +244,14 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
         val_batches = first_batches(
             make_loader(settings, config, fabric, data, val=True), settings.eval.max_batches // fabric.world_size
         )
+    eos_id = data.eos_id if data.eos_id is not None else loader.eos_id  # tokenizer, model config or parquet
+    if eos_id is None and (settings.data.document_mask or settings.data.reset_position_ids):
+        raise UserError(
+            "data.document_mask / data.reset_position_ids need the EOS token id, which neither the data files nor "
+            "the model config give; set data.tokenizer to the tokenizer folder"
+        )
     inputs = {
-        "eos_id": data.eos_id,
+        "eos_id": eos_id,
         "document_mask": settings.data.document_mask,
         "reset_position_ids": settings.data.reset_position_ids,
     }
@@ -203,7 +259,7 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
     # Model and optimizer: weights are identical on every rank (same seed; the fabric also broadcasts).
     fabric.seed_everything(seed)
     model = build_model(config, device="cpu")
-    ckpt = find_resume(settings, run_dir, config)
+    ckpt = agree_on_checkpoint(settings, run_dir, config, fabric)
     if ckpt is None and settings.run.init_from:
         load_weights(model, settings.run.init_from, config=config.to_dict())
     model = fabric.setup_model(model)
@@ -221,21 +277,8 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
     progress = {"step": 0, "tokens": 0, "micro_steps": 0, "skipped_steps": 0, "nonfinite_in_a_row": 0}
     fabric.seed_everything(seed, per_rank=True)  # the training stream (random recurrent state init)
 
-    # Resume: weights, optimizer, counters, guardrail, data position and RNG, exactly where they were.
     if ckpt is not None:
-        state = load_state(ckpt, fabric.rank)
-        load_weights(model, ckpt)
-    if ckpt is not None and "optimizer" not in state:  # imported weights (evaluate/import_huginn.py): step 0
-        fabric.print(f"starting from the weights of {ckpt} (no optimizer state: an imported checkpoint)")
-    elif ckpt is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        progress.update(state["progress"])
-        guard.load_state_dict(state["guard"])
-        if state["rank"] is not None:
-            loader.load_state_dict(state["rank"]["loader"])
-            set_rng_state(state["rank"]["rng"], fabric.device)
-        elif fabric.is_main:
-            print(f"warning: {ckpt} has no state for rank {fabric.rank}; its data order restarts", file=sys.stderr)
+        restore(ckpt, settings, fabric, model, optimizer, progress, guard, loader)
     if settings.model.compile:
         model = torch.compile(model)
 
@@ -245,6 +288,8 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
         save_settings(settings, run_dir / "settings.yaml")
     fabric.barrier()
     step, tokens = progress["step"], progress["tokens"]
+    # The token budget left is spent under this plan, whatever batch size the resumed part ran with.
+    total_steps = plan.total_steps(tr.max_steps, tr.max_tokens, start_step=step, start_tokens=tokens)
     monitor = Monitor(
         run_dir,
         log_settings=settings.log,
@@ -277,7 +322,12 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
             model=model,
             model_config=config.to_dict(),
             settings_yaml=settings_yaml,
-            state={"optimizer": optimizer.state_dict(), "progress": dict(progress), "guard": guard.state_dict()},
+            state={
+                "optimizer": optimizer.state_dict(),
+                "optim": optimizer_identity(settings),
+                "progress": dict(progress),
+                "guard": guard.state_dict(),
+            },
             rank_state={"loader": loader.state_dict(), "rng": rng_state(fabric.device)},
             fabric=fabric,
             keep=settings.checkpoint.keep,
@@ -311,7 +361,7 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
     model.train()
     stopped = None
     while step < total_steps:
-        accum = plan.accumulation_steps_within(step, tr.max_tokens)
+        accum = plan.accumulation_steps_within(step, tr.max_tokens, tokens)
         if accum == 0:
             break
         lr = learning_rate(
@@ -400,7 +450,10 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
         if (interval > 0 and step % interval == 0) or step == total_steps:
             save()
         if fabric.any_rank(stop.should_save_and_exit()):
-            stopped = stop.reason or "stop requested"
+            # Every rank is here: agree on the strongest reason (time beats SIGTERM), so rank 0 requeues
+            # when any rank saw the deadline, not only when rank 0 did.
+            code = fabric.all_reduce(torch.tensor(stop_code(stop.reason), dtype=torch.int32), op="max")
+            stopped = stop.agree(int(code)) or "stop requested"
             break
 
     if last_saved != step:

@@ -205,6 +205,12 @@ class ModelConfig:
         for key in ("n_layers", "n_layers_prelude", "n_layers_core", "n_layers_coda", "mean_backprop_depth"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise bad(key, f"must be a non-negative integer, got {getattr(self, key)!r}")
+        if (
+            self.architecture == "recurrent"
+            and self.sampling_scheme != "non-recurrent"
+            and self.mean_backprop_depth < 1
+        ):
+            raise bad("mean_backprop_depth", "must be >= 1 for a recurrent model, or the core never gets a gradient")
         if not isinstance(self.mean_recurrence, int) or self.mean_recurrence < 1:
             raise bad("mean_recurrence", f"must be a positive integer, got {self.mean_recurrence!r}")
         if self.n_embd % self.n_heads:

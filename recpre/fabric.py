@@ -219,8 +219,9 @@ class SimpleFabric:
 
     def no_sync(self, model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient reduction on accumulation micro-steps (simple-ddp reduces once per step anyway)."""
-        if enabled and self.strategy == "torch-ddp" and isinstance(model, nn.parallel.DistributedDataParallel):
-            return model.no_sync()
+        ddp = getattr(model, "_orig_mod", model)  # through a torch.compile wrapper
+        if enabled and self.strategy == "torch-ddp" and isinstance(ddp, nn.parallel.DistributedDataParallel):
+            return ddp.no_sync()
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ gradients

@@ -272,3 +272,21 @@ def build_optimizer(model: nn.Module, settings: Any) -> torch.optim.Optimizer:
 
 
 __all__ = ["build_optimizer", "ELLISAdam", "MuonAdamW", "param_groups", "NAMES"]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, *, source: str) -> None:
+    """Take a saved optimizer's moment buffers but keep this run's hyperparameters.
+
+    torch's `load_state_dict` also restores every group's lr, initial_lr, weight_decay and betas, so a resumed
+    run that lowered `optim.lr` (the usual cure for a divergence) would go on at the old rate.
+    """
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError) as err:
+        raise UserError(
+            f"the optimizer state in {source} does not fit this run's optimizer ({err}); resume with the "
+            "optim.name and optim.no_decay it was saved with, or start a new run with run.init_from"
+        ) from err
+    for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(hyper)

@@ -40,7 +40,7 @@ PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PROGRESS = ("auto", "bar", "lines", "none")
 WANDB_MODES = ("disabled", "offline", "online")
-SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "AUTH", "CREDENTIAL", "COOKIE")
 DEFAULTS_SOURCE = "the defaults in recpre/settings.py"
 # ModelSettings keys that are also ModelConfig fields (runtime choices); passed through to ModelConfig.
 RUNTIME_MODEL_KEYS = ("attention", "fused_head", "activation_checkpointing")

@@ -115,3 +115,10 @@ def test_types_are_checked_and_yaml_numbers_coerced():
     for key, value in (("n_embd", "128"), ("qk_bias", "yes"), ("n_layers_core", 2.0), ("block_size", True)):
         with pytest.raises(UserError, match=key):
             ModelConfig.from_name("debug-recurrent", **{key: value})
+
+
+def test_a_recurrent_model_without_backprop_depth_is_refused():
+    """k = 0 on every draw would leave prelude, adapter and core without gradients: never trained."""
+    with pytest.raises(UserError, match="mean_backprop_depth"):
+        ModelConfig.from_name("debug-recurrent", mean_backprop_depth=0)
+    ModelConfig.from_name("debug-recurrent", mean_backprop_depth=0, sampling_scheme="non-recurrent")
