@@ -235,8 +235,10 @@ class _LanguageModel(nn.Module):
         logits = F.linear(hidden, weight).float()
         total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         if loss_normalizer is None:
-            loss_normalizer = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        return total / loss_normalizer, None
+            loss_normalizer = (targets != IGNORE_INDEX).sum()
+        # No targets anywhere: loss 0 (as the fused head gives), not 0/0.
+        n = torch.as_tensor(loss_normalizer, dtype=total.dtype, device=total.device)
+        return total / torch.where(n > 0, n, torch.ones_like(n)), None
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -373,3 +373,12 @@ def test_kv_cache_rejects_inconsistent_depth():
         model(ids[:, :5], num_steps=2, cache=cache)
         with pytest.raises(ValueError, match="core"):
             model(ids[:, 5:], num_steps=3, cache=cache)
+
+
+def test_a_batch_without_targets_has_loss_zero_not_nan():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("debug-gpt", n_embd=32, n_heads=2, intermediate_size=64))
+    ids = torch.randint(0, 100, (1, 8))
+    ignored = torch.full_like(ids, -100)
+    assert model(ids, labels=ignored).loss.item() == 0.0
+    assert model(ids, labels=ignored, loss_normalizer=0.0).loss.item() == 0.0
