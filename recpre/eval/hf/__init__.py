@@ -1,0 +1,1 @@
+"""Hugging Face modeling code that export_hf copies into exported folders (imports transformers; not recpre)."""
