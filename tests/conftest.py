@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_BLOCK = 32
@@ -22,6 +23,10 @@ os.environ["RECPRE_CACHE"] = os.environ.get("RECPRE_TEST_CACHE") or str(
     Path(tempfile.gettempdir()) / f"recpre-test-cache-{os.getuid()}"
 )
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Tiny test models gain nothing from a second thread, and tests that start several processes would
+# oversubscribe a 2-core machine; subprocesses (train.py, torchrun, SLURM jobs) inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
