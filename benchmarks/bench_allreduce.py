@@ -178,6 +178,16 @@ def main() -> None:
         print(f"| {name} | {kind} | {med:.3f} | {best:.3f} | {rate} |")
     print()
     print(f"step rows include the synthetic backward ({backward:.3f} s median by itself).")
+    from report import emit_figures  # benchmarks/report.py: the line run_all.py collects
+
+    emit_figures(
+        "allreduce",
+        [
+            {"name": f"{name} ({kind})", "value": round(gib / med, 3), "unit": "GiB/s", "note": f"world {args.world}"}
+            for name, kind, med, _ in rows
+            if name != "backward only"
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -94,15 +94,22 @@ def main() -> None:
             ("single source, rank 1 of 2", [a], {"prefetch": 4, "rank": 1, "world_size": 2}),
             ("mixture 0.7/0.3, prefetch 4", [a, b], {"prefetch": 4, "weights": [0.7, 0.3]}),
         ]
+        figures = []
         for name, paths, extra in cases:
             rate, cpu_rate = time_loader(paths, args.seconds, **kw, **extra)
             print(
                 f"loader  {name:30s} block {args.block_size:5d} mb {args.micro_batch:3d}: {rate / 1e6:7.1f} Mtok/s wall, "
                 f"{cpu_rate / 1e6:7.1f} Mtok per CPU-s"
             )
+            note = f"{cpu_rate / 1e6:.1f} Mtok per CPU-s; block {args.block_size}, mb {args.micro_batch}"
+            figures.append({"name": f"loader {name}", "value": round(rate / 1e6, 2), "unit": "Mtok/s", "note": note})
     if args.pipeline_files:
         rate, n = time_pipeline(args.pipeline_files)
         print(f"pipeline tokenize+pack ({n / 1e6:.2f}M tokens, vocab 4096, encode_batch): {rate / 1e6:.2f} Mtok/s")
+        figures.append({"name": "pipeline tokenize+pack", "value": round(rate / 1e6, 3), "unit": "Mtok/s"})
+    from report import emit_figures  # benchmarks/report.py: the line run_all.py collects
+
+    emit_figures("data", figures)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,7 @@ def main() -> None:
         "\n| impl | median fwd+bwd s | min s | median vs naive | median CPU s | CPU vs naive | extra peak MiB | loss |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    figures = []
     for name in names:
         r = timed.get(name)
         if r is None:
@@ -199,6 +200,12 @@ def main() -> None:
         label = f"fused chunk={chunk}" if chunk else impl
         times = f"{r['median_s']:.3f} | {r['min_s']:.3f} | {rel} | {r['cpu_s']:.3f} | {crel}"
         print(f"| {label} | {times} | {mem} | {r['loss']:.5f} |", flush=True)
+        figures.append({"name": f"{label} fwd+bwd", "value": round(r["median_s"], 4), "unit": "s"})
+        if m:
+            figures.append({"name": f"{label} extra peak", "value": round(m["extra_peak_mib"], 1), "unit": "MiB"})
+    from report import emit_figures  # benchmarks/report.py: the line run_all.py collects
+
+    emit_figures("loss", figures)
 
 
 def probe(impl: str, args) -> bool:

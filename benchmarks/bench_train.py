@@ -199,6 +199,17 @@ def main(argv: list[str] | None = None) -> None:
     ]
     report = "\n".join(lines)
     print(report)
+    from report import emit_figures  # benchmarks/report.py: the line run_all.py collects
+
+    figures = [
+        {"name": f"{loop} tokens/s ({clock})", "value": round(statistics.median(runs[loop, clock]), 1), "unit": "tok/s"}
+        for clock in CLOCKS
+        for loop in LOOPS
+    ]
+    figures += [
+        {"name": f"driver overhead ({c})", "value": round(100 * v, 1), "unit": "%"} for c, v in overhead.items()
+    ]
+    emit_figures("train", figures)
     if args.out:
         Path(args.out).write_text(report, encoding="utf-8")
 
