@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -50,6 +51,15 @@ RUNTIME_FIELDS = frozenset({"name", "attention", "fused_head", "activation_check
 
 class CheckpointError(Exception):
     """A checkpoint folder that is incomplete or corrupt."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, quota, I/O error); the previous checkpoint is untouched."""
+
+
+# Settings a run cannot change and still continue from its checkpoint: the data order depends on the seed, the
+# micro-batch size and the mixture weights; the optimizer state on the optimizer and its parameter groups.
+RESUME_KEYS = ("run.seed", "train.micro_batch_size", "data.weights", "optim.name", "optim.no_decay")
 
 
 def checkpoint_name(step: int) -> str:
@@ -132,7 +142,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_manifest(folder: Path, step: int) -> None:
+def _write_manifest(folder: Path, step: int, serial: int | None = None) -> None:
     files = {}
     for path in sorted(folder.iterdir()):
         if path.name == MANIFEST_FILE or not path.is_file():
@@ -140,6 +150,8 @@ def _write_manifest(folder: Path, step: int) -> None:
         _fsync_file(path)
         files[path.name] = {"sha256": _sha256(path), "size": path.stat().st_size}
     manifest = {"format": FORMAT_VERSION, "step": step, "created": time.time(), "files": files}
+    if serial is not None:
+        manifest["serial"] = serial
     with open(folder / MANIFEST_FILE, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -188,15 +200,50 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _serial(folder: Path) -> int | None:
+    """The save counter in a folder's manifest; None for checkpoints written before it existed (or unreadable)."""
+    try:
+        serial = json.loads((Path(folder) / MANIFEST_FILE).read_text(encoding="utf-8")).get("serial")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return serial if isinstance(serial, int) else None
+
+
+def checkpoints_in_save_order(root: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest save first: by the manifest's save counter, then by step.
+
+    Not by step alone: after `run.resume=<an older step>` the folders of higher steps left from before are
+    older saves than the ones this run writes. Folders without a counter (older format) count as older.
+    """
+
+    def key(path: Path) -> tuple[int, int, int]:
+        serial = _serial(path)
+        step = int(_STEP_RE.match(path.name).group(1))
+        return (0, step, 0) if serial is None else (1, serial, step)
+
+    return sorted(list_checkpoints(root), key=key)
+
+
+def _aside(folder: Path) -> Path:
+    """Where a re-save moves the old folder of the same step until the new one is in place."""
+    return folder.with_name(f".old-{folder.name}")
+
+
 def _latest_candidates(root: Path) -> list[Path]:
-    """The folder `latest` names first, then every complete folder, newest first."""
-    candidates = list(reversed(list_checkpoints(root)))
+    """The folder `latest` names first, then every complete folder, newest save first.
+
+    A re-save killed between its two renames leaves `latest` naming a missing folder and the old one aside:
+    that one comes right after it.
+    """
+    candidates = list(reversed(checkpoints_in_save_order(root)))
     pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text(encoding="utf-8").strip()
         if named in candidates:
             candidates.remove(named)
         candidates.insert(0, named)
+        if not named.exists() and _aside(named).is_dir():
+            candidates.insert(1, _aside(named))
     return candidates
 
 
@@ -255,11 +302,40 @@ def save_checkpoint(
     """Write checkpoint `step` atomically under `root` (RUN/checkpoints) and point `latest` at it.
 
     `state` is shared by all ranks (written by rank 0); `rank_state` is this rank's own (loader, RNG).
-    Every rank must call this; on a shared filesystem each rank writes its own rank file.
+    Every rank must call this; on a shared filesystem each rank writes its own rank file. A failed write (disk
+    full) removes the partial temp folder and raises CheckpointSaveError; `latest` keeps naming the previous one.
     """
+    root = Path(root)
+    rank = fabric.rank if fabric is not None else 0
+    name = checkpoint_name(step)
+    tmp = root / f".tmp-{name}"
+    try:
+        return _save_checkpoint(root, step, model, model_config, settings_yaml, state, rank_state, fabric, keep)
+    except OSError as err:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        pointer = root / LATEST
+        previous = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+        kept = f"the previous checkpoint {previous} is untouched" if previous else "no earlier checkpoint exists"
+        raise CheckpointSaveError(
+            f"could not write checkpoint {name} in {root} ({err.strerror or err}: {err.filename or '?'}); {kept}: "
+            "free space (or set run.out_dir elsewhere) and run the same command to resume"
+        ) from err
+
+
+def _save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    model_config: dict[str, Any],
+    settings_yaml: str,
+    state: dict[str, Any],
+    rank_state: dict[str, Any],
+    fabric: Any,
+    keep: int,
+) -> Path:
     from safetensors.torch import save_model
 
-    root = Path(root)
     rank = fabric.rank if fabric is not None else 0
     world = fabric.world_size if fabric is not None else 1
     name = checkpoint_name(step)
@@ -284,28 +360,49 @@ def save_checkpoint(
     if world > 1:
         fabric.barrier()
     if rank == 0:
-        _write_manifest(tmp, step)
+        _write_manifest(tmp, step, _next_serial(root))
+        old = None
         if final.exists():  # a re-save of the same step (e.g. resumed and stopped again right away)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # Keep the old folder whole until the new one is in place: deleting it first would leave
+            # `latest` naming nothing if the process died during the delete.
+            old = _aside(final)
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None and not final.exists():
+                os.replace(old, final)
+            raise
         _fsync_dir(root)
         _write_text_atomic(root / LATEST, name + "\n")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         prune_checkpoints(root, keep)
     if world > 1:
         fabric.barrier()
     return final
 
 
+def _next_serial(root: Path) -> int:
+    """One more than the largest save counter under `root`: save order survives resuming from an older step."""
+    serials = [_serial(path) for path in list_checkpoints(root)]
+    return max((s for s in serials if s is not None), default=0) + 1
+
+
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints (keep <= 0 keeps all) and stale temp folders."""
+    """Delete all but the `keep` most recently saved complete checkpoints (keep <= 0 keeps all) and stale
+    temp folders; the one `latest` names is never deleted."""
     removed = []
-    for path in Path(root).glob(".tmp-step-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    for pattern in (".tmp-step-*", ".old-step-*"):
+        for path in Path(root).glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
     if keep <= 0:
         return removed
     latest = Path(root) / LATEST
     pinned = (Path(root) / latest.read_text().strip()) if latest.is_file() else None
-    for path in list_checkpoints(root)[:-keep]:
+    for path in checkpoints_in_save_order(root)[:-keep]:
         if path != pinned:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -315,13 +412,26 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
 # -- loading --------------------------------------------------------------------------------------------
 
 
+def _load_plain(path: Path) -> Any:
+    """torch.load(weights_only=True): tensors and plain python values only; anything else is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
+        raise UserError(
+            f"{path} holds objects other than tensors and plain python values, which torch.load(weights_only=True) "
+            f"refuses{f' ({found})' if found else ''}; it was not written by recpre or was tampered with: "
+            "delete that checkpoint folder or set run.resume to another one"
+        ) from None
+
+
 def load_state(folder: Path, rank: int = 0) -> dict[str, Any]:
     """state.pt with this rank's part under "rank" (None when the checkpoint has no state for this rank)."""
     folder = Path(folder)
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    state = _load_plain(folder / STATE_FILE)
     if rank != 0:
         path = folder / rank_file(rank)
-        state["rank"] = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        state["rank"] = _load_plain(path) if path.is_file() else None
     return state
 
 
@@ -355,6 +465,7 @@ def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any]
 
     With `config`, a checkpoint of another model shape is refused with the list of differing fields.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_model as st_load_model
 
     source = Path(source)
@@ -381,7 +492,42 @@ def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any]
         st_load_model(unwrap_model(model), str(file), strict=True)
     except RuntimeError as err:
         raise UserError(f"weights in {file} do not fit this model ({str(err).splitlines()[0]})") from err
+    except SafetensorError as err:
+        raise UserError(
+            f"{file} is not a valid safetensors file ({err}); it is damaged or was not written by recpre: "
+            "delete that checkpoint folder or load another one"
+        ) from None
     return file
+
+
+def resume_differences(folder: Path, settings_yaml: str) -> list[str]:
+    """RESUME_KEYS whose value in the checkpoint's settings.yaml differs from `settings_yaml` (this run's)."""
+    import yaml
+
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():  # imported weights carry no settings
+        return []
+    saved, now = yaml.safe_load(path.read_text(encoding="utf-8")) or {}, yaml.safe_load(settings_yaml) or {}
+    diffs = []
+    for key in RESUME_KEYS:
+        section, leaf = key.split(".")
+        if leaf not in (saved.get(section) or {}):
+            continue
+        before, after = saved[section][leaf], (now.get(section) or {}).get(leaf)
+        if before != after:
+            diffs.append(f"{key} {before!r} (checkpoint) vs {after!r} (this run)")
+    return diffs
+
+
+def check_resumable(folder: Path, settings_yaml: str) -> None:
+    """Refuse, listing every differing key, settings under which `folder` cannot be continued."""
+    diffs = resume_differences(folder, settings_yaml)
+    if diffs:
+        raise UserError(
+            f"checkpoint {folder} cannot be continued with these settings ({'; '.join(diffs)}): the data order and "
+            "the optimizer state depend on them; set them back, or start a new run (another run.name) with "
+            f"run.init_from={folder}"
+        )
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:

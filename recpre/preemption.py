@@ -1,18 +1,22 @@
 """Stopping a run cleanly before its batch job ends, and asking SLURM to run it again.
 
 A batch job can end under a run in three ways: its time limit, a warning signal (SIGUSR2, sent by
-`#SBATCH --signal=USR2@N` that `launchers/submit.py` writes, or by hand: `scancel --signal=USR2 JOB`),
+`#SBATCH --signal=USR2@N` that `launchers/submit.py` writes, or by hand: `scancel --signal=USR2 JOB`;
+SIGUSR1, which many existing batch scripts ask for, is treated the same),
 or a termination (SIGTERM: `scancel`, preemption, node drain). Signal handlers here only set a flag;
 the driver looks at it at each step boundary (`StopRequest.should_save_and_exit`), saves a
 checkpoint, and exits. Saving inside a handler could tear a half-written step.
 
 Requeue policy (decided here, documented in docs/launching.md): after the save, rank 0 calls
 `StopRequest.requeue()`, which runs `scontrol requeue $SLURM_JOB_ID` when the stop was for time
-(the end-time deadline or SIGUSR2) and the job runs under SLURM. The requeued job starts the same batch
-script again and `run.resume: auto` continues from the checkpoint. A SIGTERM stop saves but does not
-requeue: a user's `scancel` means stop, and SLURM requeues preempted jobs itself. We do not rely on
-submitit's `Checkpointable`: its handler requeues from inside the signal, before the trainer has
-finished its step and its save, and it cannot see torchrun's worker processes.
+(the end-time deadline, SIGUSR2 or SIGUSR1) and the job runs under SLURM. Ranks can stop for different
+reasons (only rank 0 re-reads the end time; a signal reaches one node first), so the driver MAX-reduces
+`stop_code(reason)` over ranks and hands the result to `StopRequest.agree` before rank 0 decides.
+The requeued job starts the same batch script again and `run.resume: auto` continues from the
+checkpoint. A SIGTERM stop saves but does not requeue: a user's `scancel` means stop, and SLURM
+requeues preempted jobs itself. We do not rely on submitit's `Checkpointable`: its handler requeues
+from inside the signal, before the trainer has finished its step and its save, and it cannot see
+torchrun's worker processes.
 """
 
 from __future__ import annotations
@@ -29,11 +33,32 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-# Reasons a stop can have; `requeue()` only acts on the first two.
+# Reasons a stop can have; `requeue()` only acts on the time ones (all but SIGTERM).
 REASON_TIME = "time-limit"
 REASON_USR2 = "SIGUSR2"
+REASON_USR1 = "SIGUSR1"
 REASON_TERM = "SIGTERM"
-REQUEUE_REASONS = frozenset({REASON_TIME, REASON_USR2})
+REQUEUE_REASONS = frozenset({REASON_TIME, REASON_USR2, REASON_USR1})
+# Codes for the MAX reduction over ranks: a time stop outranks SIGTERM, so one rank that saw the deadline
+# makes the job requeue even when another rank (rank 0 included) only saw SIGTERM or nothing.
+STOP_CODES: dict[str | None, int] = {None: 0, REASON_TERM: 1, REASON_USR1: 2, REASON_USR2: 3, REASON_TIME: 4}
+_REASONS_BY_CODE = {code: reason for reason, code in STOP_CODES.items()}
+
+
+def stop_code(reason: str | None) -> int:
+    """The code of a stop reason for the MAX reduction over ranks (an unknown reason counts as SIGTERM)."""
+    return STOP_CODES.get(reason, STOP_CODES[REASON_TERM])
+
+
+def reason_from_code(code: int) -> str | None:
+    """The stop reason of a MAX-reduced code (None: no rank had a reason)."""
+    return _REASONS_BY_CODE.get(int(code), REASON_TERM)
+
+
+def agreed_reason(reasons: Iterable[str | None]) -> str | None:
+    """The reason all ranks stop for, given each rank's own: what the MAX reduction of `stop_code` gives."""
+    return reason_from_code(max((stop_code(r) for r in reasons), default=0))
+
 
 _SCONTROL_TIMEOUT_S = 20
 # How often rank 0 re-asks SLURM for the end time (a time limit can be changed while the job runs).
@@ -128,7 +153,7 @@ class StopRequest:
         env: Mapping[str, str] | None = None,
         runner: Callable[..., subprocess.CompletedProcess] | None = None,
     ) -> StopRequest:
-        """Read the job's end time (SLURM only) and, when `on_signal`, install SIGUSR2/SIGTERM handlers.
+        """Read the job's end time (SLURM only) and, when `on_signal`, install SIGUSR1/SIGUSR2/SIGTERM handlers.
 
         `save_before_end_min` <= 0 turns the deadline off (signals still work).
         """
@@ -174,10 +199,19 @@ class StopRequest:
             self.request(REASON_TIME)
         return self.requested
 
-    def _handle(self, signum: int, frame: object) -> None:
-        self.request(REASON_USR2 if signum == signal.SIGUSR2 else REASON_TERM)
+    def agree(self, code: int) -> str | None:
+        """Adopt the MAX-reduced `stop_code` of all ranks, so rank 0 requeues when any rank stopped for time."""
+        reason = reason_from_code(code)
+        if reason is not None:
+            self.reason = reason
+            self.requested = True
+        return self.reason
 
-    def install(self, signals: Iterable[int] = (signal.SIGUSR2, signal.SIGTERM)) -> bool:
+    def _handle(self, signum: int, frame: object) -> None:
+        names = {signal.SIGUSR2: REASON_USR2, signal.SIGUSR1: REASON_USR1}
+        self.request(names.get(signum, REASON_TERM))
+
+    def install(self, signals: Iterable[int] = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)) -> bool:
         """Install the flag-setting handlers; returns False off the main thread, where Python forbids it."""
         if threading.current_thread() is not threading.main_thread():
             return False

@@ -105,8 +105,14 @@ class BatchPlan:
     def _ramp_tokens(self, steps: int) -> int:
         return sum(self.tokens_in_step(s) for s in range(steps))
 
-    def total_steps(self, max_steps: int | None, max_tokens: int | None) -> int:
-        """Number of optimizer steps: the first of max_steps and the step that exhausts max_tokens."""
+    def total_steps(
+        self, max_steps: int | None, max_tokens: int | None, *, start_step: int = 0, start_tokens: int | None = None
+    ) -> int:
+        """Number of optimizer steps: the first of max_steps and the step that exhausts max_tokens.
+
+        A resumed run passes its counters (`start_step`, `start_tokens`): the tokens already trained may have
+        come from another plan (a changed world_batch_size), so only the tokens left are spent under this one.
+        """
         if max_steps is None and max_tokens is None:
             raise UserError("set train.max_steps or train.max_tokens so the run knows when to stop")
         steps = max_steps if max_steps is not None else math.inf
@@ -116,20 +122,26 @@ class BatchPlan:
                     f"train.max_tokens ({max_tokens}) is less than one micro-batch on every rank "
                     f"({self.unit_tokens} tokens); raise it"
                 )
-            budget_steps = self._steps_for_tokens(max_tokens)
+            budget_steps = self._steps_for_tokens(max_tokens, start_step, start_tokens)
             steps = min(steps, budget_steps)
         return int(steps)
 
-    def accumulation_steps_within(self, step: int, max_tokens: int | None) -> int:
-        """Accumulation steps for `step`, shortened so the run never trains past `max_tokens`."""
+    def accumulation_steps_within(self, step: int, max_tokens: int | None, tokens: int | None = None) -> int:
+        """Accumulation steps for `step`, shortened so the run never trains past `max_tokens`.
+
+        `tokens` is what the run has trained so far (default: what this plan trains before `step`); a resumed
+        run passes its own count, which differs when an earlier part ran with another batch size.
+        """
         accum = self.accumulation_steps(step)
         if max_tokens is None:
             return accum
-        left_units = (max_tokens - self.tokens_before(step)) // self.unit_tokens
+        done = self.tokens_before(step) if tokens is None else tokens
+        left_units = (max_tokens - done) // self.unit_tokens
         return max(min(accum, left_units), 0)
 
-    def _steps_for_tokens(self, max_tokens: int) -> int:
-        step, tokens = 0, 0
+    def _steps_for_tokens(self, max_tokens: int, start_step: int = 0, start_tokens: int | None = None) -> int:
+        step = start_step
+        tokens = self.tokens_before(start_step) if start_tokens is None else start_tokens
         while step < max(self.ramp_steps, 0):
             left_units = (max_tokens - tokens) // self.unit_tokens
             if left_units <= 0:
