@@ -1,0 +1,165 @@
+"""Checkpoints damaged on disk, and a disk that fills up during a save: detected, reported, nothing lost.
+
+A finished 8-step run (checkpoints at steps 4, 6, 8) is copied per test; its newest checkpoint is damaged by
+real file edits (truncation, flipped bytes, a broken manifest). Running the same command again must warn
+naming the bad folder, resume from step 6, and end with the very weights and losses of the undamaged run.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_run_args
+
+from recpre.checkpoint import find_latest, list_checkpoints, load_model, load_state, verify_checkpoint
+from recpre.errors import UserError
+from recpre.monitor import read_metrics
+
+EXTRA = ["train.max_steps=8", "checkpoint.interval=2", "checkpoint.keep=3", "eval.interval=0"]
+
+
+def args_for(run: Path, corpus, *extra: str) -> list[str]:
+    return tiny_run_args(run, corpus, *EXTRA, *extra)
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def finished(train_module, tiny_corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert train_module.main(args_for(run, tiny_corpus)) == 0
+    names = [p.name for p in list_checkpoints(run / "checkpoints")]
+    assert names == ["step-00000004", "step-00000006", "step-00000008"]
+    return run
+
+
+def flip_byte(path: Path, where: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGE = {
+    "model-truncated": (lambda f: truncate(f / "model.safetensors"), "bytes, the manifest says"),
+    "model-flipped-byte": (lambda f: flip_byte(f / "model.safetensors"), "sha256"),
+    "state-flipped-byte": (lambda f: flip_byte(f / "state.pt", 0.9), "sha256"),
+    "state-emptied": (lambda f: truncate(f / "state.pt", 0.0), "bytes, the manifest says"),
+    "config-missing": (lambda f: (f / "model_config.json").unlink(), "missing"),
+    "manifest-torn": (lambda f: truncate(f / "manifest.json", 0.6), "not a valid manifest"),
+    "manifest-missing": (lambda f: (f / "manifest.json").unlink(), None),  # then it is not a checkpoint at all
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_detected_and_the_run_falls_back_to_the_previous_one(
+    damage, train_module, tiny_corpus, finished, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    bad = run / "checkpoints" / "step-00000008"
+    apply, reason = DAMAGE[damage]
+    apply(bad)
+
+    if reason is not None:
+        with pytest.raises(Exception, match=reason):
+            verify_checkpoint(bad)
+        with pytest.warns(UserWarning, match=r"skipping bad checkpoint .*step-00000008.*" + reason):
+            assert find_latest(run / "checkpoints").name == "step-00000006"
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train_module.main(args_for(run, tiny_corpus, "log.progress=lines")) == 0
+    assert "resumed from step-00000006" in capsys.readouterr().out
+    if reason is not None:  # the warning names the bad folder and what is wrong with it
+        messages = [str(w.message) for w in caught if "skipping bad checkpoint" in str(w.message)]
+        assert messages and "step-00000008" in messages[0] and reason in messages[0], messages
+
+    # the damaged folder is replaced by a good step 8 equal to the undamaged run's
+    verify_checkpoint(bad)
+    assert losses(run) == losses(finished)
+    ref, got = weights(finished / "checkpoints" / "step-00000008"), weights(bad)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_when_no_checkpoint_verifies_the_run_refuses_to_start_over(train_module, tiny_corpus, finished, tmp_path):
+    """Silently training from scratch would overwrite metrics.jsonl and later prune the damaged checkpoints."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for folder in list_checkpoints(run / "checkpoints"):
+        flip_byte(folder / "model.safetensors")
+    before = snapshot(run)
+    with (
+        pytest.warns(UserWarning, match="skipping bad checkpoint"),
+        pytest.raises(UserError, match=r"none of the checkpoints .* verifies"),
+    ):
+        train_module.main(args_for(run, tiny_corpus))
+    assert snapshot(run) == before
+
+
+def test_a_full_disk_during_a_save_is_reported_and_the_previous_checkpoint_stays_good(
+    train_module, tiny_corpus, finished, tmp_path, monkeypatch, capsys
+):
+    """The save of step 6 gets ENOSPC half-way through writing state.pt (after model.safetensors was written)."""
+    run = tmp_path / "run"
+    real_save = torch.save
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        if "step-00000006" in str(f):
+            Path(f).write_bytes(b"\0" * 1000)  # what fitted before the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    capsys.readouterr()
+    code = train_module.main(args_for(run, tiny_corpus))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "No space left on device" in err and "step-00000006" in err, err
+    assert err.strip().splitlines()[-1].startswith("error: "), err
+
+    root = run / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000002", "step-00000004"]
+    assert find_latest(root).name == "step-00000004" and (root / "latest").read_text().strip() == "step-00000004"
+    assert not list(root.glob(".tmp-*")), "the partial save must be removed (it only takes space on a full disk)"
+    verify_checkpoint(root / "step-00000004")
+    model, _ = load_model(root / "step-00000004")
+    assert load_state(root / "step-00000004")["progress"]["step"] == 4
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert not [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "finished"]
+
+    # space freed: the same command resumes from step 4 and ends exactly like a run that never failed
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train_module.main(args_for(run, tiny_corpus)) == 0
+    assert losses(run) == losses(finished)
+    ref, got = weights(finished / "checkpoints" / "step-00000008"), weights(root / "step-00000008")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
