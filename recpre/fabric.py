@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from recpre import xla as xla_helpers
 from recpre.distributed_env import ProcessInfo, discover_processes, parse_slurm_nodelist
 from recpre.errors import UserError
 
@@ -69,6 +70,8 @@ class SimpleFabric:
         if not self.timeout_s > 0:
             raise UserError(f"fabric.timeout_s must be positive, got {fabric_settings.timeout_s}.")
 
+        if strategy == "auto" and device == "auto" and xla_helpers.accelerator_present(self._env):
+            strategy = "xla"  # -- xla: torch_xla and a Neuron/TPU device (recpre/xla.py)
         if strategy == "xla" or device == "xla":
             strategy, device = "xla", "xla"
         elif strategy == "auto":
@@ -109,6 +112,13 @@ class SimpleFabric:
         timeout = timedelta(seconds=self.timeout_s)
         addr, port = self.info.master_addr, self.info.master_port
         where = f"MASTER_ADDR={addr} MASTER_PORT={port}"
+        if self.backend == "xla":  # -- xla: ranks come from the PJRT runtime (xla:// init)
+            try:
+                xla_helpers.init_process_group(self.timeout_s)
+            except Exception as err:
+                raise FabricError(f"rank {self.rank} could not join the xla process group via {where}: {err}") from err
+            self._owns_group = True
+            return self
         if self.world_size == 1:
             store: dist.Store = dist.HashStore()
         else:
@@ -236,6 +246,11 @@ class SimpleFabric:
         if self.strategy not in ("simple-ddp", "xla") or not self.distributed:
             return
         self.launch()
+        if self.strategy == "xla":  # -- xla: bucketed in-graph all-reduce, no host sync (recpre/xla.py)
+            params = [p for p in self.unwrap(model).parameters() if p.requires_grad]
+            with self._collective("the xla gradient all-reduce"):
+                xla_helpers.all_reduce_gradients(params, self.world_size, self.chunk_mb)
+            return
         params = [p for p in self.unwrap(model).parameters() if p.requires_grad]
         key = id(model)
         stream = self._streams.get(key)
@@ -275,6 +290,8 @@ class SimpleFabric:
             work = tensor
             if tensor.device != self.device:
                 work = tensor.to(self.device)
+            if self.backend == "xla" and work.dtype == torch.float64:  # -- xla: Neuron has no float64
+                work = work.float()
             with self._collective(f"all_reduce({op})"):
                 dist.all_reduce(work, op=_OPS[op])
             if op == "mean":

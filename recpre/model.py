@@ -21,7 +21,7 @@ Labels are aligned with the inputs (labels[b, t] is the target of position t; th
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -288,7 +288,15 @@ class GPT(_LanguageModel):
         return ModelOutput(loss=loss, logits=logits)
 
 
+def _no_boundary(state: Tensor) -> None:
+    return None
+
+
 class RecurrentGPT(_LanguageModel):
+    # Called with the state after the initial state and after every no-grad iteration. A lazy-tensor runtime
+    # sets it (train.py on XLA: a graph cut), so one compiled graph serves every sampled depth n.
+    recurrence_boundary: Callable[[Tensor], None] = staticmethod(_no_boundary)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         t = self.transformer
@@ -347,9 +355,11 @@ class RecurrentGPT(_LanguageModel):
         for i, block in enumerate(self.transformer.prelude):
             e = block(e, ctx, ("prelude", 0, i))
         s = self.initial_state(e)
+        self.recurrence_boundary(s)
         with torch.no_grad():
             for step in range(n):
                 s = self.core_step(s, e, ctx, step)
+                self.recurrence_boundary(s)
         checkpointed = self.config.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for step in range(n, n + k):
             if checkpointed:
