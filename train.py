@@ -21,9 +21,12 @@ from typing import Any
 
 import torch
 
+from recpre import xla as xla_helpers
 from recpre.checkpoint import (
     CHECKPOINTS_DIR,
     MODEL_FILE,
+    CheckpointSaveError,
+    check_resumable,
     check_same_shape,
     find_latest,
     list_checkpoints,
@@ -35,7 +38,7 @@ from recpre.checkpoint import (
     set_rng_state,
 )
 from recpre.errors import UserError, run_cli
-from recpre.fabric import SimpleFabric
+from recpre.fabric import FabricError, SimpleFabric
 from recpre.flops import device_peak, mfu, training_flops_per_token
 from recpre.model import build_model, sample_depth
 from recpre.monitor import Monitor, Throughput
@@ -64,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default=None, help="run config (YAML); default launch_configs/debug.yaml")
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    parser.add_argument(
+        "--compile-sweep",
+        action="store_true",
+        help="XLA/Trainium: run a few steps that visit every graph the run needs (for neuron_parallel_compile) "
+        "into OUT_DIR/compile-sweep; no checkpoint is written",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3")
     return parser.parse_args(argv)
 
@@ -147,8 +156,15 @@ def find_resume(settings: Any, run_dir: Path, config: Any) -> Path | None:
             )
         return None
     ckpt = find_latest(root) if resume == "auto" else resolve_checkpoint(resume)
+    if ckpt is None and list_checkpoints(root):
+        # Starting over would overwrite metrics.jsonl and, with checkpoint.keep, prune the damaged checkpoints.
+        raise UserError(
+            f"none of the checkpoints in {root} verifies (see the warnings above); restore a good one, set "
+            "run.resume to a checkpoint folder, or move them away to start this run over"
+        )
     if ckpt is not None:
         check_same_shape(ckpt, config.to_dict())
+        check_resumable(ckpt, settings_to_yaml(settings))
     return ckpt
 
 
@@ -176,7 +192,11 @@ def restore(ckpt: Path, settings: Any, fabric: SimpleFabric, model, optimizer, p
     """Weights, optimizer moments, counters, guardrail, data position and RNG, exactly where they were;
     hyperparameters (lr, weight decay, betas) come from this run's settings."""
     state = load_state(ckpt, fabric.rank)
-    load_weights(model, ckpt / MODEL_FILE)  # verified by rank 0 in agree_on_checkpoint
+    if fabric.strategy == "xla":  # -- xla: safetensors reads into CPU weights, then onto the device
+        empty = build_model(fabric.unwrap(model).config, device="meta")
+        xla_helpers.load_through_cpu(model, empty, lambda m: load_weights(m, ckpt / MODEL_FILE))
+    else:
+        load_weights(model, ckpt / MODEL_FILE)  # verified by rank 0 in agree_on_checkpoint
     if "optimizer" not in state:  # imported weights (evaluate/import_huginn.py): training starts at step 0
         fabric.print(f"starting from the weights of {ckpt} (no optimizer state: an imported checkpoint)")
         return
@@ -207,6 +227,9 @@ def restore(ckpt: Path, settings: Any, fabric: SimpleFabric, model, optimizer, p
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args.config, args.overrides)
+    if args.compile_sweep:  # -- xla: compile sweep (recpre/xla.py)
+        sweep = xla_helpers.sweep_overrides(str(settings.run.out_dir), int(settings.eval.interval))
+        settings = load_settings(args.config, [*args.overrides, *sweep])
     if args.print_config:
         print(settings_to_yaml(settings), end="")
         return 0
@@ -216,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     ck = settings.checkpoint
     stop = StopRequest.from_environment(ck.save_before_end_min, on_signal=ck.on_signal)
     try:
-        return train(settings, fabric, stop)
-    except TrainingAborted as err:
+        return train(settings, fabric, stop, compile_sweep=args.compile_sweep)
+    except (TrainingAborted, FabricError, CheckpointSaveError) as err:
+        # Not bad input (exit code 2) but a run that cannot go on: one line, exit code 1, no stack dump.
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
@@ -225,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         fabric.teardown()
 
 
-def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
+def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, compile_sweep: bool = False) -> int:
     t_start = time.perf_counter()
     tr, sch, seed = settings.train, settings.schedule, settings.run.seed
     run_dir = Path(settings.run.out_dir)
@@ -279,6 +303,9 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
 
     if ckpt is not None:
         restore(ckpt, settings, fabric, model, optimizer, progress, guard, loader)
+    if fabric.strategy == "xla":  # -- xla: optimizer state and weights in steady-state form (recpre/xla.py)
+        xla_helpers.prepare_training(optimizer, [p for p in model.parameters() if p.requires_grad])
+        fabric.unwrap(model).recurrence_boundary = xla_helpers.cut  # one graph per no-grad iteration, any n
     if settings.model.compile:
         model = torch.compile(model)
 
@@ -310,20 +337,23 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
     )
 
     ckpt_root = run_dir / CHECKPOINTS_DIR
+    on_xla = fabric.strategy == "xla"
     settings_yaml = settings_to_yaml(settings)
     last_saved = step if ckpt is not None else -1
 
-    def save() -> Path:
+    def save() -> Path | None:
         nonlocal last_saved
+        if compile_sweep:  # -- xla: a compile sweep's weights are garbage under neuron_parallel_compile
+            return None
         progress.update(step=step, tokens=tokens)
         path = save_checkpoint(
             ckpt_root,
             step,
-            model=model,
+            model=xla_helpers.cpu_module(model, build_model(config, device="meta")) if on_xla else model,
             model_config=config.to_dict(),
             settings_yaml=settings_yaml,
             state={
-                "optimizer": optimizer.state_dict(),
+                "optimizer": xla_helpers.to_cpu(optimizer.state_dict()),
                 "optim": optimizer_identity(settings),
                 "progress": dict(progress),
                 "guard": guard.state_dict(),
@@ -360,6 +390,7 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
     batches = iter(loader)
     model.train()
     stopped = None
+    save_due = False
     while step < total_steps:
         accum = plan.accumulation_steps_within(step, tr.max_tokens, tokens)
         if accum == 0:
@@ -384,6 +415,10 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
         flops = 0.0
         for i, (input_ids, labels) in enumerate(micro):
             n, k = sample_depth(config, progress["micro_steps"], fabric.rank, seed)
+            if on_xla:  # -- xla: a fixed k (and the model's graph cuts) keep the compiled graphs few
+                n, k = xla_helpers.training_depth(config, n, k)
+                if compile_sweep:
+                    n, k = xla_helpers.sweep_depth(progress["micro_steps"], k)
             progress["micro_steps"] += 1
             input_ids = input_ids.to(fabric.device, non_blocking=True)
             labels = labels.to(fabric.device, non_blocking=True)
@@ -402,12 +437,22 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
         fabric.all_reduce_gradients(model)
         if step + 1 in nan_steps:
             poison_gradients(model)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        loss = float(fabric.all_reduce(loss_sum, op="mean"))
+        if on_xla:  # -- xla: clip and skip a non-finite step on the device; read the values after the cut
+            grad_norm_t = xla_helpers.masked_optimizer_step(optimizer, params, clip)
+            loss_t = fabric.all_reduce(loss_sum, op="mean")
+            optimizer.zero_grad(set_to_none=True)
+            fabric.sync()
+            grad_norm, loss = float(grad_norm_t), float(loss_t)
+            if not math.isfinite(grad_norm):
+                xla_helpers.rewind_step_counters(optimizer, fabric.device)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            loss = float(fabric.all_reduce(loss_sum, op="mean"))
 
         # Skip a step whose gradients are not finite; abort after too many in a row.
         if math.isfinite(grad_norm):
-            optimizer.step()
+            if not on_xla:
+                optimizer.step()
             progress["nonfinite_in_a_row"] = 0
         else:
             progress["skipped_steps"] += 1
@@ -423,6 +468,8 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
         flops_per_s = flops * fabric.world_size / seconds if seconds > 0 else 0.0
         row = {"step": step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm}
         row.update(tokens_per_s=tokens_per_s, flops_per_s=flops_per_s, accum=accum, depth=[n, k])
+        if on_xla:
+            row["xla_graphs"] = xla_helpers.compile_count()
         mfu_datasheet, mfu_measured = mfu(flops_per_s, peak, fabric.world_size)
         if mfu_datasheet is not None:
             row.update(mfu=mfu_datasheet, mfu_measured=mfu_measured)
@@ -447,8 +494,11 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest) -> int:
         if settings.eval.interval > 0 and (step % settings.eval.interval == 0 or step == total_steps):
             run_validation()
         interval = settings.checkpoint.interval
-        if (interval > 0 and step % interval == 0) or step == total_steps:
+        save_due = save_due or (interval > 0 and step % interval == 0)
+        # No interval save while the loss is spiking: `latest` keeps the pre-spike weights the guard points to.
+        if (save_due and not guard.in_a_row) or step == total_steps:
             save()
+            save_due = False
         if fabric.any_rank(stop.should_save_and_exit()):
             # Every rank is here: agree on the strongest reason (time beats SIGTERM), so rank 0 requeues
             # when any rank saw the deadline, not only when rank 0 did.
