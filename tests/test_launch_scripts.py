@@ -58,7 +58,7 @@ def test_trn1_precompile_golden() -> None:
     text = render_precompile_script(profile, golden_job(profile.name))
     check_golden("parallelcluster-trn1-precompile.sh", text)
     assert "exec neuron_parallel_compile python -m torch.distributed.run --nproc_per_node=32" in text
-    assert "train.max_steps=10" in text and "run.resume=never" in text
+    assert "train.py --compile-sweep --config" in text and "run.resume=never" in text
     assert "'run.out_dir=/scratch/runs/nebel raven-precompile'" in text
 
 

@@ -31,10 +31,10 @@ _RESERVED_SBATCH = {"nodes", "time", "job-name", "output", "error", "open-mode",
 
 @dataclass(frozen=True)
 class Precompile:
-    """Neuron graph pre-compilation: a short `neuron_parallel_compile` job chained before the run."""
+    """Neuron graph pre-compilation: `train.py --compile-sweep` under `neuron_parallel_compile`, chained before
+    the run; the sweep visits every graph the run will need (recpre/xla.py)."""
 
     enabled: bool = False
-    max_steps: int = 10
     time: str = "02:00:00"
     command: str = "neuron_parallel_compile"
 
@@ -149,8 +149,8 @@ def _check_precompile(path: Path, raw: Any) -> Precompile:
     if raw is None:
         return Precompile()
     if not isinstance(raw, dict):
-        raise _bad(path, "precompile", "must be a mapping with enabled, max_steps, time, command")
-    unknown = set(raw) - {"enabled", "max_steps", "time", "command"}
+        raise _bad(path, "precompile", "must be a mapping with enabled, time, command")
+    unknown = set(raw) - {"enabled", "time", "command"}
     if unknown:
         raise _bad(path, f"precompile.{sorted(unknown)[0]}", "is not a known field")
     enabled = raw.get("enabled", False)
@@ -158,7 +158,6 @@ def _check_precompile(path: Path, raw: Any) -> Precompile:
         raise _bad(path, "precompile.enabled", "must be true or false")
     return Precompile(
         enabled=enabled,
-        max_steps=_check_int(path, "precompile.max_steps", raw.get("max_steps", 10)),
         time=check_time(raw.get("time", "02:00:00"), f"cluster profile {path}: field 'precompile.time'"),
         command=str(raw.get("command", "neuron_parallel_compile")),
     )

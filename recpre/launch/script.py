@@ -30,15 +30,16 @@ class TrainJob:
     out_dir: Path = Path("runs/run")
     nodes: int = 1
     time: str = "01:00:00"
+    flags: list[str] = field(default_factory=list)  # train.py flags, e.g. --compile-sweep
 
     @property
     def log_dir(self) -> Path:
         return self.out_dir / "slurm"
 
     def train_args(self) -> list[str]:
-        """Arguments after `train.py`: the config, the user's overrides, then the launcher's."""
+        """Arguments after `train.py`: flags, the config, the user's overrides, then the launcher's."""
         args = ["--config", self.config] if self.config else []
-        return args + list(self.overrides)
+        return list(self.flags) + args + list(self.overrides)
 
 
 def q(value: object) -> str:
@@ -169,11 +170,18 @@ def render_train_script(profile: ClusterProfile, job: TrainJob, *, wrapper: Sequ
 
 
 def precompile_job(profile: ClusterProfile, job: TrainJob) -> TrainJob:
-    """The short Neuron pre-compile run: same shapes, few steps, its own (throwaway) run folder."""
+    """The Neuron pre-compile run: a compile sweep of the same shapes in its own (throwaway) run folder."""
     out = job.out_dir.with_name(job.out_dir.name + "-precompile")
-    overrides = [o for o in job.overrides if not o.startswith(("run.out_dir=", "run.resume=", "train.max_steps="))]
-    overrides += [f"train.max_steps={profile.precompile.max_steps}", f"run.out_dir={out}", "run.resume=never"]
-    return replace(job, name=f"{job.name}-precompile", overrides=overrides, out_dir=out, time=profile.precompile.time)
+    overrides = [o for o in job.overrides if not o.startswith(("run.out_dir=", "run.resume="))]
+    overrides += [f"run.out_dir={out}", "run.resume=never"]
+    return replace(
+        job,
+        name=f"{job.name}-precompile",
+        flags=["--compile-sweep"],
+        overrides=overrides,
+        out_dir=out,
+        time=profile.precompile.time,
+    )
 
 
 def render_precompile_script(profile: ClusterProfile, job: TrainJob) -> str:

@@ -35,4 +35,4 @@ export MASTER_PORT=44000
 echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"
 
 # launch
-srun --ntasks-per-node=1 --cpus-per-task=128 bash -c 'trap "" USR2; exec neuron_parallel_compile python -m torch.distributed.run --nproc_per_node=32 --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@"' torchrun-per-node train.py --config /opt/recpre/launch_configs/nebel-raven-3.5b-frontier.yaml optim.lr=4e-4 'run.name=nebel raven' train.max_steps=10 'run.out_dir=/scratch/runs/nebel raven-precompile' run.resume=never
+srun --ntasks-per-node=1 --cpus-per-task=128 bash -c 'trap "" USR2; exec neuron_parallel_compile python -m torch.distributed.run --nproc_per_node=32 --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@"' torchrun-per-node train.py --compile-sweep --config /opt/recpre/launch_configs/nebel-raven-3.5b-frontier.yaml optim.lr=4e-4 'run.name=nebel raven' 'run.out_dir=/scratch/runs/nebel raven-precompile' run.resume=never
