@@ -40,7 +40,7 @@ from recpre.checkpoint import (
 from recpre.errors import UserError, run_cli
 from recpre.fabric import FabricError, SimpleFabric
 from recpre.flops import device_peak, mfu, training_flops_per_token
-from recpre.model import build_model, sample_depth
+from recpre.model import build_model, compile_blocks, sample_depth
 from recpre.monitor import Monitor, Throughput
 from recpre.optim import build_optimizer, load_optimizer_state
 from recpre.preemption import StopRequest, stop_code
@@ -307,7 +307,7 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, compile_sweep:
         xla_helpers.prepare_training(optimizer, [p for p in model.parameters() if p.requires_grad])
         fabric.unwrap(model).recurrence_boundary = xla_helpers.cut  # one graph per no-grad iteration, any n
     if settings.model.compile:
-        model = torch.compile(model)
+        compile_blocks(fabric.unwrap(model))  # per block: one graph whatever the sampled depth
 
     # Everything is valid: only now does the run folder appear.
     if fabric.is_main:

@@ -101,12 +101,9 @@ def apply_compile(model: torch.nn.Module, mode: str, inductor_mode: str | None =
         return model
     if mode == "model":
         return torch.compile(model, mode=inductor_mode)
-    from recpre.model import Block
+    from recpre.model import compile_blocks
 
-    for module in model.modules():
-        if isinstance(module, Block):
-            module.compile(mode=inductor_mode)  # in place: parameter names and state_dict keys stay as they are
-    return model
+    return compile_blocks(model, mode=inductor_mode)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

@@ -411,3 +411,15 @@ def sample_depth(config: ModelConfig, step: int, rank: int = 0, seed: int = 0) -
     mu = math.log(t + s) - DEPTH_SIGMA**2 / 2
     r = int(rng.poisson(rng.lognormal(mu, DEPTH_SIGMA))) + 1
     return max(r - s, 0), min(s, r)
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """torch.compile every transformer block in place.
+
+    Compiling the whole forward unrolls the recurrence, so each newly sampled depth is a recompile; per block,
+    one graph serves every depth. Parameter names (and so checkpoints) stay as they are.
+    """
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile(**compile_kwargs)
+    return model

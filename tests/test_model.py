@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from recpre.config import ModelConfig
-from recpre.model import KVCache, ModelOutput, build_model, sample_depth
+from recpre.model import KVCache, ModelOutput, build_model, compile_blocks, sample_depth
 from recpre.model_registry import names
 
 SMALL = {
@@ -382,3 +382,17 @@ def test_a_batch_without_targets_has_loss_zero_not_nan():
     ignored = torch.full_like(ids, -100)
     assert model(ids, labels=ignored).loss.item() == 0.0
     assert model(ids, labels=ignored, loss_normalizer=0.0).loss.item() == 0.0
+
+
+def test_compile_blocks_keeps_outputs_and_parameter_names():
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("debug-recurrent", n_embd=32, n_heads=2, intermediate_size=64, state_init="zero")
+    model = build_model(config)
+    ids = torch.randint(0, 100, (2, 16))
+    before = model(ids, num_steps=3).logits
+    names = list(model.state_dict())
+    compile_blocks(model, backend="eager")
+    assert list(model.state_dict()) == names  # checkpoints written by a compiled run load anywhere
+    for steps in (1, 3, 5):  # every sampled depth goes through the same compiled blocks
+        model(ids, num_steps=steps)
+    torch.testing.assert_close(model(ids, num_steps=3).logits, before)
