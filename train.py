@@ -457,8 +457,9 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, compile_sweep:
         else:
             progress["skipped_steps"] += 1
             progress["nonfinite_in_a_row"] += 1
-        optimizer.zero_grad(set_to_none=True)
-        fabric.sync()
+        if not on_xla:  # the XLA branch above already cleared gradients and cut the graph
+            optimizer.zero_grad(set_to_none=True)
+            fabric.sync()
         step += 1
         step_tokens = accum * plan.unit_tokens
         tokens += step_tokens

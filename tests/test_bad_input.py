@@ -13,20 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO, tiny_run_args
 
 from recpre.errors import run_cli
 
 RESUMABLE = ["train.max_steps=4", "checkpoint.interval=2", "eval.interval=0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:

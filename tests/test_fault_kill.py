@@ -54,15 +54,6 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Killed runs use one thread; so does every in-process run here (bitwise-equal matmuls)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reference(train_module, tiny_corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("reference") / "run"

@@ -22,15 +22,6 @@ from recpre.monitor import read_metrics
 ACCUM = 2  # world batch 4 / micro-batch 2 on one rank
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: a 32-wide model gains nothing from two, and loses a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -69,15 +69,6 @@ REAL_CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP spin-waits cost ~100x."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture
 def fixture_copy(tmp_path) -> Path:
     folder = tmp_path / "huginn-tiny"

@@ -22,15 +22,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP spin-waits cost ~100x."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny(arch: str = "recurrent", **overrides) -> ModelConfig:
     name = "debug-recurrent" if arch == "recurrent" else "debug-gpt"
     return ModelConfig.from_name(name, **{**SMALL, **overrides})

@@ -33,9 +33,6 @@ from recpre.monitor import read_metrics
 from recpre.preemption import REASON_TERM, REASON_TIME, REASON_USR2, StopRequest
 from recpre.schedules import BatchPlan
 
-torch.set_num_threads(1)
-
-
 # -- 1. requeue decision over ranks ---------------------------------------------------------------------
 
 

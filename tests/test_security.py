@@ -30,14 +30,6 @@ SECRETS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def finished(train_module, tiny_corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("finished") / "run"
