@@ -57,7 +57,28 @@ def loss_fn(impl: str, chunk: int | None):
         return lambda h, w, t: naive_linear_cross_entropy(h, w, t)
     if impl == "fused":
         return lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_size=chunk)
-    return lambda h, w, t: fused_linear_cross_entropy(h, w, t, backend=impl)
+    return lambda h, w, t: other_loss(impl, h, w, t)
+
+
+def other_loss(impl: str, hidden, weight, targets):
+    """Other stacks' fused losses, for comparison only (mean over non-ignored targets, no z-loss)."""
+    if impl == "torch":
+        fn, opts = (
+            getattr(torch.nn.functional, "linear_cross_entropy", None),
+            getattr(torch.nn, "LinearCrossEntropyOptions", None),
+        )
+        if fn is None or opts is None:
+            raise ImportError("impl 'torch' needs torch.nn.functional.linear_cross_entropy (torch >= 2.13)")
+        return fn(hidden, weight, targets, reduction="mean", ignore_index=-100, options=opts())
+    if impl == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean")
+    if impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean", shift=False)
+    raise ValueError(f"unknown loss implementation {impl!r}")
 
 
 def step(fn, hidden, weight, targets) -> float:

@@ -120,8 +120,9 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 def run_case(case: Case, args: argparse.Namespace, device: torch.device, here_tflops: float | None) -> Row:
     """Build the model, run warmup + timed steps, return the figures. Each case starts from a clean device."""
-    from recpre.model import build_model, sample_depth
+    from recpre.model import build_model
     from recpre.optim import build_optimizer
+    from recpre.recurrence import sample_depth
 
     overrides = dict(QUICK_OVERRIDES) if args.quick else {}
     if args.block_size:
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- attention auto -> {auto}; available: {', '.join(attention.available())}")
     if peak is not None:
         print(
-            f"- peak: {peak.datasheet_tflops:g} TFLOP/s datasheet, {peak.measured_tflops or 'n/a'} measured (REFERENCE.md)"
+            f"- peak: {peak.datasheet_tflops:g} TFLOP/s datasheet, {peak.measured_tflops or 'n/a'} measured (docs/performance.md)"
         )
     if here:
         print(f"- bf16 matmul 8192^3 measured now: {here:.0f} TFLOP/s")

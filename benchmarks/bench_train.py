@@ -77,8 +77,9 @@ def driver_step_times(driver, overrides: list[str], run_dir: Path) -> tuple[list
 
 def bare_step_times(settings, steps: int) -> tuple[list[float], list[float], float]:
     """The same steps as a plain loop: wall and main-thread CPU step times, and FLOPs per step."""
-    from recpre.model import build_model, sample_depth
+    from recpre.model import build_model
     from recpre.optim import build_optimizer
+    from recpre.recurrence import sample_depth
 
     config = model_config(settings)
     device = torch.device("cuda" if settings.fabric.device == "cuda" else "cpu")

@@ -49,7 +49,7 @@ RESULT_PREFIX = "SCALING_RESULT "
 # Stated (not measured) figures per cluster kind: bf16 TFLOP/s per device (H100: measured matmul rate; MI250X:
 # datasheet per GCD) for an assumed compute time, devices per node, intra-node all-reduce bus bandwidth
 # (GB/s), network per node (Gbit/s), latency per hop between nodes (us), device memory copy (GB/s).
-COPY_GBS = 3000.0  # H100 device copy ~3.0 TB/s (REFERENCE.md section 7)
+COPY_GBS = 3000.0  # H100 device copy ~3.0 TB/s (docs/performance.md)
 CLUSTERS = {
     "h100-ib": {
         "device_tflops": 798.0,
@@ -171,7 +171,7 @@ def scaling_rows(
 
 def mean_training_flops(config, samples: int = 2000, seed: int = 0) -> float:
     """FLOPs per token averaged over the depth sampler's draws (E[r] is mean_recurrence + 1 for the default scheme)."""
-    from recpre.model import sample_depth
+    from recpre.recurrence import sample_depth
 
     if not config.is_recurrent:
         return float(config.flops_per_token(training=True))

@@ -33,7 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from recpre.config import RECURRENCE_DEFAULTS, RUNTIME_FIELDS
 from recpre.errors import UserError
+from recpre.fabric import unwrap_model
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
@@ -45,8 +47,8 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 
-# ModelConfig fields that are runtime choices, not shape: a checkpoint loads whatever they are.
-RUNTIME_FIELDS = frozenset({"name", "attention", "fused_head", "activation_checkpointing", "compile", "extra"})
+# ModelConfig fields that are not architecture: a checkpoint loads whatever they are.
+NOT_SHAPE = frozenset((*RUNTIME_FIELDS, *RECURRENCE_DEFAULTS))
 
 
 class CheckpointError(Exception):
@@ -68,17 +70,6 @@ def checkpoint_name(step: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 # -- RNG ------------------------------------------------------------------------------------------------
@@ -440,10 +431,10 @@ def read_model_config(folder: Path) -> dict[str, Any]:
 
 
 def shape_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Fields (other than runtime choices) on which two ModelConfig dicts differ, as 'field saved -> now'."""
+    """Architecture fields (not runtime choices or default recurrence) on which two ModelConfig dicts differ, as 'field saved -> now'."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
-        if key in RUNTIME_FIELDS:
+        if key in NOT_SHAPE:
             continue
         if saved.get(key) != current.get(key):
             diffs.append(f"{key} {saved.get(key)!r} (checkpoint) vs {current.get(key)!r} (this run)")
@@ -460,27 +451,15 @@ def check_same_shape(folder: Path, current: dict[str, Any]) -> None:
 
 
 def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any] | None = None) -> Path:
-    """Load weights only (fine-tuning, imported checkpoints) from a checkpoint/run folder, a Huginn folder
-    (config.json + safetensors, the public Huginn-0125 format) or a .safetensors file.
+    """Load weights only from a recpre checkpoint or run folder, a `latest` file or a .safetensors file.
 
-    With `config`, a checkpoint of another model shape is refused with the list of differing fields.
+    With `config`, a checkpoint of another model shape is refused with the list of differing fields. Other
+    formats (a Huginn-0125 folder) go through `recpre.weights.load_initial_weights`.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model as st_load_model
 
     source = Path(source)
-    if source.is_dir() and (source / "config.json").is_file() and not (source / MANIFEST_FILE).exists():
-        from recpre.interop.huginn import from_huginn
-
-        imported = from_huginn(source)
-        diffs = shape_differences(imported.config.to_dict(), config) if config is not None else []
-        if diffs:
-            raise UserError(
-                f"Huginn checkpoint {source} holds a different model shape ({'; '.join(diffs)}); "
-                "use model.name/model.overrides that match it"
-            )
-        unwrap_model(model).load_state_dict(imported.state_dict(), strict=True)
-        return source
     if source.is_file() and source.suffix == ".safetensors":
         file = source
     else:

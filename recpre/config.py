@@ -13,14 +13,18 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from recpre.errors import UserError
+from recpre.recurrence import SAMPLING_SCHEMES
+from recpre.settings import FUSED_HEADS
 
 ARCHITECTURES = ("gpt", "recurrent")
 BLOCK_KINDS = ("pre", "post", "sandwich")
 INJECTIONS = ("linear", "add")
 STATE_INITS = ("like-init", "zero")
-SAMPLING_SCHEMES = ("poisson-lognormal-filling", "poisson-fill", "fixed", "non-recurrent")
+# Fields that do not change the function the weights compute: runtime choices, and a shape's default recurrence
+# (what training samples is `train.recurrence`, recpre/recurrence.py). Checkpoints load whatever they are.
+RUNTIME_FIELDS = ("name", "attention", "fused_head", "activation_checkpointing")
+RECURRENCE_DEFAULTS = ("mean_recurrence", "mean_backprop_depth", "sampling_scheme", "lockstep")
 INIT_STRATEGIES = ("takase", "scaled")
-FUSED_HEADS = ("none", "chunked")
 
 
 @dataclass

@@ -3,7 +3,7 @@
 One object answers "which rank am I, on which device, in which precision" and performs every collective the driver
 needs. The `simple-ddp` strategy reduces gradients explicitly, once per optimizer step, by streaming them through a
 fixed-size flat buffer (`_GradStream`): it needs no hooks, behaves the same on every backend, and keeps the message
-size bounded (a single huge all-reduce is what hung the reference system's vendor collective plugin at scale).
+size bounded (a single huge all-reduce hung the Huginn training code's vendor collective plugin at scale: docs/huginn.md).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import os
 import random
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -24,14 +24,12 @@ from torch import nn
 from recpre import xla as xla_helpers
 from recpre.distributed_env import ProcessInfo, discover_processes, parse_slurm_nodelist
 from recpre.errors import UserError
+from recpre.settings import DEVICES, PRECISIONS, STRATEGIES
 
-__all__ = ["FabricError", "SimpleFabric", "parse_slurm_nodelist", "discover_processes", "ProcessInfo"]
+__all__ = ["FabricError", "SimpleFabric", "unwrap_model", "parse_slurm_nodelist", "discover_processes", "ProcessInfo"]
 
 T = TypeVar("T")
 
-STRATEGIES = ("auto", "single", "simple-ddp", "torch-ddp", "xla")
-PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
-DEVICES = ("auto", "cpu", "cuda", "mps", "xla")
 _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -212,14 +210,7 @@ class SimpleFabric:
         return model
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        """The plain module under DDP and torch.compile wrappers (for state dicts and evaluation)."""
-        while True:
-            if isinstance(model, nn.parallel.DistributedDataParallel):
-                model = model.module
-            elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-                model = model._orig_mod
-            else:
-                return model
+        return unwrap_model(model)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for bf16-mixed (weights stay fp32); nothing for fp32 and bf16-true."""
@@ -352,16 +343,16 @@ class SimpleFabric:
 
             torch_xla.sync()
 
-    def save(self, write: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `write(*args, **kwargs)` on rank 0 only (weights and optimizer state are identical across DDP
-        ranks), then wait for it on all ranks; every rank gets rank 0's return value (e.g. the checkpoint path)."""
-        result = write(*args, **kwargs) if self.is_main else None
-        return self.broadcast_object(result, src=0)
 
-    def load(self, read: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `read(*args, **kwargs)` on every rank once rank 0 has finished any pending write."""
-        self.barrier()
-        return read(*args, **kwargs)
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, for state dicts."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
 
 
 def _pick_device(name: str, local_rank: int) -> torch.device:

@@ -1,7 +1,7 @@
 """Training FLOPs at a sampled depth and model FLOPs utilisation against a per-device peak table.
 
 MFU is reported against two denominators where we have them: the datasheet dense bf16 peak, and a
-measured bf16 matmul rate (REFERENCE.md section 7), which is what a well-tuned kernel can reach.
+measured bf16 matmul rate (docs/performance.md, "MFU"), which is what a well-tuned kernel can reach.
 """
 
 from __future__ import annotations

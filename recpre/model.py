@@ -20,7 +20,6 @@ Labels are aligned with the inputs (labels[b, t] is the target of position t; th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -32,9 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from recpre import attention
 from recpre.config import ModelConfig
-
-IGNORE_INDEX = -100
-DEPTH_SIGMA = 0.5  # sigma of the log-normal in poisson-lognormal-filling
+from recpre.ops import IGNORE_INDEX
 
 
 @dataclass
@@ -306,6 +303,10 @@ class RecurrentGPT(_LanguageModel):
         t["core_block"] = nn.ModuleList(Block(config) for _ in range(config.n_layers_core))
         t["coda"] = nn.ModuleList(Block(config) for _ in range(config.n_layers_coda))
 
+    def set_recurrence_boundary(self, hook: Callable[[Tensor], None]) -> None:
+        """Call `hook(state)` after the initial state and after every no-grad iteration (on XLA: a graph cut)."""
+        self.recurrence_boundary = hook
+
     def resolve_steps(self, num_steps: int | tuple[int, int] | Tensor | None) -> tuple[int, int]:
         """(n no-grad, k grad) from (n, k), an int r (= (0, r)) or None (the config's mean recurrence)."""
         c = self.config
@@ -386,31 +387,6 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> GPT 
     model = model.to_empty(device=device)
     model.init_weights()
     return model
-
-
-def sample_depth(config: ModelConfig, step: int, rank: int = 0, seed: int = 0) -> tuple[int, int]:
-    """(n no-grad iterations, k grad iterations) for one micro-step: a pure function of (seed, step, rank).
-
-    With `config.lockstep` the rank is ignored, so all ranks run the same depth. Schemes (s = backprop depth,
-    t = mean_recurrence - s): poisson-lognormal-filling r = Poisson(LogNormal(ln(t+s) - sigma^2/2, sigma)) + 1,
-    n = max(r-s, 0), k = min(s, r) (E[r] = t+s+1); poisson-fill n = Poisson(t), k = s; fixed (t, s);
-    non-recurrent (0, 1).
-    """
-    c = config
-    s = c.mean_backprop_depth
-    t = max(c.mean_recurrence - s, 0)
-    if c.sampling_scheme == "fixed":
-        return t, min(s, c.mean_recurrence)
-    if c.sampling_scheme == "non-recurrent":
-        return 0, 1
-    if min(seed, step, rank) < 0:
-        raise ValueError(f"sample_depth needs non-negative seed, step and rank, got {(seed, step, rank)}")
-    rng = np.random.default_rng([seed, step, 0 if c.lockstep else rank, 0x6465707468])
-    if c.sampling_scheme == "poisson-fill":
-        return int(rng.poisson(t)), s
-    mu = math.log(t + s) - DEPTH_SIGMA**2 / 2
-    r = int(rng.poisson(rng.lognormal(mu, DEPTH_SIGMA))) + 1
-    return max(r - s, 0), min(s, r)
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:

@@ -197,21 +197,28 @@ class Monitor:
             return
         self._write({"event": name, **fields})
 
+    def run_validation_summary(self) -> dict[str, Any]:
+        """First/last validation loss of the whole run so far (every segment), from metrics.jsonl."""
+        if not self.enabled or self.run_dir is None:
+            return {}
+        return validation_summary(self.run_dir / METRICS_FILE)
+
     def close(self, summary: dict[str, Any] | None = None, *, plot: bool = True) -> None:
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if summary:
-            self.print("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-        if self._metrics is not None:
+        wrote = self._metrics is not None
+        if wrote:
             self._metrics.close()
             self._metrics = None
-            if plot:
-                out = plot_losses(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE)
-                if out is not None:
-                    self.print(f"wrote {out}")
+        if summary:
+            self.print("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+        if wrote and plot:
+            out = plot_losses(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE)
+            if out is not None:
+                self.print(f"wrote {out}")
         if self._wandb is not None:
             if summary:
                 self._wandb.summary.update(summary)
@@ -239,6 +246,19 @@ def _start_wandb(wandb_settings: Any, run_name: str, run_dir: Path | None, confi
         config=config,
     )
     return run
+
+
+def validation_summary(path: Path) -> dict[str, Any]:
+    """First and last validation loss of the whole run (all its segments), from its metrics file, with the
+    step of the last one: a segment that stopped between validations reports the run's figures, not its own."""
+    rows = [r for r in read_metrics(path) if "val_loss" in r and "event" not in r]
+    if not rows:
+        return {}
+    return {
+        "initial_val_loss": round(rows[0]["val_loss"], 4),
+        "final_val_loss": round(rows[-1]["val_loss"], 4),
+        "final_val_step": rows[-1]["step"],
+    }
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

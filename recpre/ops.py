@@ -35,7 +35,7 @@ CHUNK_BYTES = {"cpu": 64 * 2**20}
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK, MAX_CHUNK = 64, 16384
 
-BACKENDS = ("chunked", "naive", "torch", "liger", "cce")
+IGNORE_INDEX = -100  # targets with this value are not scored (prompt tokens, padding, masked positions)
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device | str = "cpu") -> int:
@@ -252,21 +252,19 @@ def fused_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     z_loss: float = 0.0,
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
     reduction: str = "mean",
     normalizer: float | Tensor | None = None,
-    backend: str = "chunked",
 ) -> Tensor:
     """Cross-entropy of `hidden @ weight.T` against `targets` without materialising the logits.
 
     hidden [..., d], weight [V, d], targets [...] (int64). Returns a 0-dim tensor for "mean"/"sum", per-token
     losses shaped like `targets` for "none" (semantics in the module docstring), in fp32 for bf16/fp16/fp32
     inputs (fp64 for fp64); gradients come back in each input's dtype. chunk_size None picks
-    `default_chunk_size`. backend "chunked" (default, any device) or, where installed, "liger" / "cce";
-    "torch" uses F.linear_cross_entropy's chunked path and "naive" materialises logits (reference).
+    `default_chunk_size`. `naive_linear_cross_entropy` is the reference with the same semantics.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
@@ -281,8 +279,6 @@ def fused_linear_cross_entropy(
     out_shape = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1)
-    if backend != "chunked":
-        return _other_backend(backend, h2, weight, t1, ignore_index, z_loss, label_smoothing, reduction, normalizer)
     n = h2.shape[0]
     chunk = int(chunk_size) if chunk_size else default_chunk_size(n, weight.shape[0], hidden.device)
     if chunk < 1:
@@ -315,7 +311,7 @@ def naive_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     z_loss: float = 0.0,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
@@ -341,57 +337,4 @@ def naive_linear_cross_entropy(
     return total / normalizer
 
 
-def _other_backend(backend, hidden, weight, targets, ignore_index, z_loss, label_smoothing, reduction, normalizer):
-    """Liger / cut-cross-entropy / torch's chunked op behind the same call; the sum is normalised here."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-    inner = "sum" if reduction == "mean" else reduction
-    if backend == "naive":
-        return naive_linear_cross_entropy(
-            hidden, weight, targets, ignore_index, z_loss, label_smoothing, reduction, normalizer
-        )
-    if backend == "torch":
-        if z_loss:
-            raise ValueError("backend 'torch' has no z_loss; use backend='chunked'")
-        fn = getattr(torch.nn.functional, "linear_cross_entropy", None)
-        opts_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
-        if fn is None or opts_cls is None:
-            raise ImportError("backend 'torch' needs torch.nn.functional.linear_cross_entropy (torch >= 2.13)")
-        out = fn(
-            hidden,
-            weight,
-            targets,
-            reduction=inner,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            options=opts_cls(),
-        )
-    elif backend == "liger":
-        try:
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-        except ImportError as e:
-            raise ImportError("backend 'liger' needs Liger-Kernel: pip install liger-kernel (CUDA only)") from e
-        out = liger_fused_linear_cross_entropy(
-            hidden,
-            weight,
-            targets,
-            ignore_index=ignore_index,
-            lse_square_scale=z_loss,
-            label_smoothing=label_smoothing,
-            reduction=inner,
-        )
-    else:
-        try:
-            from cut_cross_entropy import linear_cross_entropy as cce
-        except ImportError as e:
-            raise ImportError("backend 'cce' needs cut-cross-entropy: pip install cut-cross-entropy (CUDA)") from e
-        if z_loss or label_smoothing:
-            raise ValueError("backend 'cce' is wired without z_loss / label_smoothing; use backend='chunked'")
-        out = cce(hidden, weight, targets, ignore_index=ignore_index, reduction=inner, shift=False)
-    if reduction != "mean":
-        return out
-    denom = (targets != ignore_index).sum().clamp_min(1) if normalizer is None else normalizer
-    return out / denom
-
-
-__all__ = ["fused_linear_cross_entropy", "naive_linear_cross_entropy", "default_chunk_size", "BACKENDS"]
+__all__ = ["IGNORE_INDEX", "fused_linear_cross_entropy", "naive_linear_cross_entropy", "default_chunk_size"]

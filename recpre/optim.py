@@ -20,15 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from recpre.errors import UserError
+from recpre.settings import OPTIMIZERS as NAMES
+from recpre.settings import OptimSettings
 
-NAMES = ("adamw", "ellis-adam", "muon")
 # parameter names (last component of the owning module) that are the LM head / embeddings, not hidden matrices
 HEAD_NAMES = ("lm_head", "head", "output", "wte", "embed_tokens", "tok_embeddings", "embedding", "embeddings")
 
 
-def _get(settings: Any, key: str, default: Any) -> Any:
-    value = getattr(settings, key, default)
-    return default if value is None else value
+def _get(settings: Any, key: str) -> Any:
+    """settings.key, or the default `OptimSettings` gives it: one source for every optimizer default."""
+    value = getattr(settings, key, None)
+    return getattr(OptimSettings(), key) if value is None else value
 
 
 def _classify(model: nn.Module) -> list[tuple[str, nn.Parameter, bool, bool, bool]]:
@@ -235,12 +237,12 @@ def build_optimizer(model: nn.Module, settings: Any) -> torch.optim.Optimizer:
     update_clipping, muon_lr (missing ones take the defaults below). Muon uses lr=muon_lr (default: lr) with
     adjust_lr_fn="match_rms_adamw", so AdamW's learning rate and weight decay carry over, momentum 0.95.
     """
-    name = str(_get(settings, "name", "adamw")).lower()
-    lr = float(_get(settings, "lr", 1e-3))
-    wd = float(_get(settings, "weight_decay", 0.0))
-    betas = (float(_get(settings, "beta1", 0.9)), float(_get(settings, "beta2", 0.95)))
-    eps = float(_get(settings, "eps", 1e-8))
-    no_decay = list(_get(settings, "no_decay", ["norm", "bias", "embedding"]))
+    name = str(_get(settings, "name")).lower()
+    lr = float(_get(settings, "lr"))
+    wd = float(_get(settings, "weight_decay"))
+    betas = (float(_get(settings, "beta1")), float(_get(settings, "beta2")))
+    eps = float(_get(settings, "eps"))
+    no_decay = list(_get(settings, "no_decay"))
     if name not in NAMES:
         raise UserError(f"optim.name must be one of {', '.join(NAMES)}, not {name!r}")
     if lr <= 0:
@@ -252,11 +254,9 @@ def build_optimizer(model: nn.Module, settings: Any) -> torch.optim.Optimizer:
         params = [p for g in groups for p in g["params"]]
         opt = torch.optim.AdamW(groups, **_adamw_kwargs(params, lr, betas, eps))
     elif name == "ellis-adam":
-        opt = ELLISAdam(
-            groups, lr=lr, betas=betas, eps=eps, update_clipping=bool(_get(settings, "update_clipping", True))
-        )
+        opt = ELLISAdam(groups, lr=lr, betas=betas, eps=eps, update_clipping=bool(_get(settings, "update_clipping")))
     else:
-        muon_lr = float(_get(settings, "muon_lr", lr))
+        muon_lr = float(getattr(settings, "muon_lr", None) or lr)
         muon_groups = [g for g in groups if g["group"].startswith("muon_")]
         adam_groups = [g for g in groups if not g["group"].startswith("muon_")]
         adam_params = [p for g in adam_groups for p in g["params"]]

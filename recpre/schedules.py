@@ -10,9 +10,10 @@ import functools
 import math
 from dataclasses import dataclass
 
-from recpre.errors import UserError
+import torch
 
-SCHEDULES = ("trapezoid", "cosine", "linear", "constant")
+from recpre.errors import UserError
+from recpre.settings import SCHEDULES
 
 
 def learning_rate(
@@ -150,3 +151,15 @@ class BatchPlan:
             step += 1
         left_units = (max_tokens - tokens) // self.unit_tokens
         return step + math.ceil(max(left_units, 0) / self.accumulation_steps(step))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
+    """Scale every parameter group (Muon's too, which may have its own base rate) by lr / base_lr.
+
+    Each group's own base rate is kept as "initial_lr" (the torch scheduler convention), so it is part of
+    the optimizer state_dict and survives a resume.
+    """
+    scale = lr / base_lr if base_lr else 0.0
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * scale

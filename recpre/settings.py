@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from recpre.errors import UserError
+from recpre.recurrence import CURRICULA, SAMPLING_SCHEMES, STATE_NOISE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "launch_configs" / "debug.yaml"
@@ -37,7 +38,7 @@ ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "flex", "flash", "nki")
 FUSED_HEADS = ("none", "chunked")
 STRATEGIES = ("auto", "single", "simple-ddp", "torch-ddp", "xla")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps", "xla")
 PROGRESS = ("auto", "bar", "lines", "none")
 WANDB_MODES = ("disabled", "offline", "online")
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "AUTH", "CREDENTIAL", "COOKIE")
@@ -47,7 +48,7 @@ RUNTIME_MODEL_KEYS = ("attention", "fused_head", "activation_checkpointing")
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The dataclass tree. Keys are a stable interface (see CONTRACT.md / ARCHITECTURE.md).
+# The dataclass tree. Keys are a stable interface: tests, docs and saved run folders use them.
 
 
 @dataclass
@@ -105,6 +106,24 @@ class ScheduleSettings:
 
 
 @dataclass
+class CurriculumSettings:
+    name: str = "constant"  # constant | linear | sqrt: how mean depth and backprop depth ramp to their targets
+    steps: int = 0  # optimizer steps of the ramp
+    start_mean: int | None = None  # mean recurrence at step 0; None = the target (no ramp of the mean)
+    start_backprop_depth: int | None = None  # backprop depth at step 0; None = the target
+
+
+@dataclass
+class RecurrenceSettings:
+    mean: int | None = None  # mean recurrence sampled in training; None = the shape's mean_recurrence
+    backprop_depth: int | None = None  # iterations with gradient; None = the shape's mean_backprop_depth
+    sampling: str | None = None  # poisson-lognormal-filling | poisson-fill | fixed | non-recurrent; None = shape's
+    lockstep: bool | None = None  # one depth per optimizer step (True) or per micro-batch; None = shape's
+    state_noise: str = "per-batch"  # per-batch (world-size invariant) | rank-replicated (the reference's)
+    curriculum: CurriculumSettings = field(default_factory=CurriculumSettings)
+
+
+@dataclass
 class TrainSettings:
     max_steps: int | None = None  # optimizer steps; at least one of max_steps / max_tokens must be set
     max_tokens: int | None = None  # token budget; steps = max_tokens // (world_batch_size * block_size)
@@ -114,13 +133,14 @@ class TrainSettings:
     max_nonfinite_steps: int = 10  # abort after this many skipped (non-finite gradient) steps in a row
     loss_spike_factor: float | None = 4.0  # stop when loss > factor x its running mean ...; None = off
     loss_spike_patience: int = 20  # ... for this many steps in a row
+    recurrence: RecurrenceSettings = field(default_factory=RecurrenceSettings)  # depths trained at
 
 
 @dataclass
 class FabricSettings:
     strategy: str = "auto"  # auto | single | simple-ddp | torch-ddp | xla
     precision: str = "fp32"  # fp32 | bf16-mixed | bf16-true
-    device: str = "auto"  # auto | cpu | cuda | mps (xla strategy picks the XLA device)
+    device: str = "auto"  # auto | cpu | cuda | mps | xla (the xla strategy picks the XLA device)
     chunk_mb: float = 25.0  # gradient all-reduce bucket size in MiB
     timeout_s: int = 1800  # process-group timeout in seconds
 
@@ -561,6 +581,8 @@ def _validate(s: Settings, where: _Origins) -> None:
         t.loss_spike_patience >= 1, "train.loss_spike_patience", where, f"must be >= 1, got {t.loss_spike_patience}"
     )
 
+    _check_recurrence(t.recurrence, where)
+
     sc = s.schedule
     _require(sc.warmup_steps >= 0, "schedule.warmup_steps", where, f"must be >= 0, got {sc.warmup_steps}")
     _require(sc.cooldown_steps >= 0, "schedule.cooldown_steps", where, f"must be >= 0, got {sc.cooldown_steps}")
@@ -592,7 +614,9 @@ def _validate(s: Settings, where: _Origins) -> None:
     _require(f.chunk_mb > 0, "fabric.chunk_mb", where, f"must be > 0, got {f.chunk_mb}")
     _require(f.timeout_s >= 1, "fabric.timeout_s", where, f"must be >= 1, got {f.timeout_s}")
     if f.strategy == "xla":
-        _require(f.device == "auto", "fabric.device", where, "must be 'auto' with fabric.strategy xla")
+        _require(
+            f.device in ("auto", "xla"), "fabric.device", where, "must be 'auto' or 'xla' with fabric.strategy xla"
+        )
 
     _require(s.log.interval >= 1, "log.interval", where, f"must be >= 1, got {s.log.interval}")
     e = s.eval
@@ -609,6 +633,34 @@ def _validate(s: Settings, where: _Origins) -> None:
     _require(c.interval >= 0, "checkpoint.interval", where, f"must be >= 0 (0 = only at end), got {c.interval}")
     _require(c.keep >= 1, "checkpoint.keep", where, f"must be >= 1, got {c.keep}")
     _require(c.save_before_end_min >= 0, "checkpoint.save_before_end_min", where, "must be >= 0 (0 = off)")
+
+
+def _check_recurrence(r: RecurrenceSettings, where: _Origins) -> None:
+    key = "train.recurrence"
+    if r.sampling is not None:
+        _one_of(r.sampling, SAMPLING_SCHEMES, f"{key}.sampling", where)
+    _one_of(r.state_noise, STATE_NOISE, f"{key}.state_noise", where)
+    _require(r.mean is None or r.mean >= 1, f"{key}.mean", where, f"must be >= 1 or null, got {r.mean}")
+    _require(
+        r.backprop_depth is None or r.backprop_depth >= 1,
+        f"{key}.backprop_depth",
+        where,
+        f"must be >= 1 or null (the core needs a gradient), got {r.backprop_depth}",
+    )
+    c = r.curriculum
+    _one_of(c.name, CURRICULA, f"{key}.curriculum.name", where)
+    _require(c.steps >= 0, f"{key}.curriculum.steps", where, f"must be >= 0, got {c.steps}")
+    for name in ("start_mean", "start_backprop_depth"):
+        value = getattr(c, name)
+        _require(value is None or value >= 1, f"{key}.curriculum.{name}", where, f"must be >= 1 or null, got {value}")
+    if c.name != "constant":
+        _require(c.steps >= 1, f"{key}.curriculum.steps", where, f"must be >= 1 for the {c.name} curriculum")
+        _require(
+            c.start_mean is not None or c.start_backprop_depth is not None,
+            f"{key}.curriculum.start_mean",
+            where,
+            f"or start_backprop_depth must be set: the {c.name} curriculum ramps from them to the targets",
+        )
 
 
 def _check_step_budget(s: Settings, steps: int | None, where: _Origins, key: str) -> None:
@@ -630,17 +682,6 @@ def _check_step_budget(s: Settings, steps: int | None, where: _Origins, key: str
     )
 
 
-def _import_model_config() -> Any | None:
-    """ModelConfig, or None while recpre.config does not exist yet (settings must work without it)."""
-    try:
-        from recpre.config import ModelConfig
-    except ModuleNotFoundError as err:
-        if err.name in ("recpre.config", "recpre.model_registry"):
-            return None
-        raise
-    return ModelConfig
-
-
 def _check_model(s: Settings, where: _Origins) -> None:
     for key in (*RUNTIME_MODEL_KEYS, "name"):
         _require(
@@ -649,11 +690,10 @@ def _check_model(s: Settings, where: _Origins) -> None:
             where,
             f"duplicates a model setting; set model.{key} instead",
         )
-    config_cls = _import_model_config()
-    if config_cls is None:
-        return
+    from recpre.config import ModelConfig
+
     try:
-        cfg = config_cls.from_name(s.model.name, **_runtime_fields(s), **s.model.overrides)
+        cfg = ModelConfig.from_name(s.model.name, **_runtime_fields(s), **s.model.overrides)
     except (UserError, TypeError, ValueError) as err:
         message = str(err)
         source = where("model.name")
@@ -745,10 +785,9 @@ def _runtime_fields(settings: Settings) -> dict[str, Any]:
 
 def model_config(settings: Settings) -> Any:
     """The ModelConfig a run builds: the named shape, model.overrides, and the runtime model choices."""
-    config_cls = _import_model_config()
-    if config_cls is None:
-        raise UserError("recpre.config is not available in this installation; reinstall recpre.")
-    return config_cls.from_name(settings.model.name, **_runtime_fields(settings), **settings.model.overrides)
+    from recpre.config import ModelConfig
+
+    return ModelConfig.from_name(settings.model.name, **_runtime_fields(settings), **settings.model.overrides)
 
 
 def _escape(node: Any) -> Any:

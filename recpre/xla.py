@@ -8,8 +8,6 @@ On XLA every distinct traced graph is a compile (minutes on Neuron). Three thing
   (`step_tensor`) where the computation reads them;
 - no host reads inside a step: clipping and the skip of a non-finite step are done on the device by masking
   (`masked_optimizer_step`), and the loss / gradient norm are read after the step's graph is cut (train.py);
-  `LateMetrics` defers that read by one more step, for loops that want tracing step t+1 to overlap executing
-  step t;
 - `prepare_training` creates Adam's state and settles the weights before step 1, so the first step already
   runs the steady-state graphs.
 
@@ -23,7 +21,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -34,7 +32,6 @@ from recpre.errors import UserError
 
 __all__ = [
     "SWEEP_STEPS",
-    "LateMetrics",
     "accelerator_present",
     "all_reduce_gradients",
     "available",
@@ -42,8 +39,6 @@ __all__ = [
     "cpu_module",
     "cut",
     "device",
-    "device_loader",
-    "execute_count",
     "gradient_buckets",
     "init_process_group",
     "is_xla",
@@ -56,6 +51,7 @@ __all__ = [
     "stable_depth",
     "step_tensor",
     "sweep_depth",
+    "seed_device",
     "sweep_overrides",
     "training_depth",
     "sync",
@@ -150,11 +146,6 @@ def compile_count() -> int:
     return _metric_count("CompileTime")
 
 
-def execute_count() -> int:
-    """Graph executions so far by this process."""
-    return _metric_count("ExecuteTime")
-
-
 # ---------------------------------------------------------------------------------------------- recurrence
 
 
@@ -169,13 +160,22 @@ def stable_depth(n: int, k: int, k_fixed: int) -> tuple[int, int]:
     return max(n + k - k_fixed, 0), k_fixed
 
 
-def training_depth(config: Any, n: int, k: int) -> tuple[int, int]:
-    """The depth a training micro-step runs on XLA: `stable_depth` with k = config.mean_backprop_depth for the
-    sampling scheme whose k varies (poisson-lognormal-filling draws k = min(s, r)); other schemes and GPT models
-    already have a fixed k and are returned unchanged."""
-    if getattr(config, "architecture", "gpt") != "recurrent" or config.sampling_scheme != "poisson-lognormal-filling":
+def training_depth(spec: Any, n: int, k: int) -> tuple[int, int]:
+    """The depth a training micro-step runs on XLA: `stable_depth` with k = spec.mean_backprop_depth for the
+    sampling scheme whose k varies (poisson-lognormal-filling draws k = min(s, r)); other schemes already have a
+    fixed k and are returned unchanged. `spec` is the step's `recpre.recurrence.DepthSpec`: a backprop-depth
+    curriculum is one set of graphs per backprop depth it passes through."""
+    if spec.sampling_scheme != "poisson-lognormal-filling":
         return n, k
-    return stable_depth(n, k, int(config.mean_backprop_depth))
+    return stable_depth(n, k, int(spec.mean_backprop_depth))
+
+
+def seed_device(seed: int) -> None:
+    """Seed the XLA device's generator (the initial-state noise is drawn there); the seed is uploaded as data,
+    so a new seed per micro-batch is not a new graph."""
+    import torch_xla.core.xla_model as xm
+
+    xm.set_rng_state(int(seed) % (2**63))
 
 
 _STEP_TENSORS: dict[tuple[str, int], Tensor] = {}
@@ -307,32 +307,6 @@ def rewind_step_counters(optimizer: torch.optim.Optimizer, device: torch.device)
             state["step"] = step - 1
 
 
-class LateMetrics:
-    """Device scalars of step t read as floats at step t+1, after step t+1's graph has been cut.
-
-    Reading a value of an already executed graph is a copy, not a compile; reading it one step later means the
-    host does not wait for step t to finish before tracing step t+1. `push` returns the previous step's
-    (tag, values) or None; `flush` returns the last pending one at the end of the run.
-    """
-
-    def __init__(self) -> None:
-        self._pending: tuple[Any, dict[str, Tensor]] | None = None
-
-    def push(self, tag: Any, values: Mapping[str, Tensor | float]) -> tuple[Any, dict[str, float]] | None:
-        previous = self.flush()
-        self._pending = (tag, dict(values))
-        return previous
-
-    def flush(self) -> tuple[Any, dict[str, float]] | None:
-        if self._pending is None:
-            return None
-        tag, values = self._pending
-        self._pending = None
-        return tag, {
-            k: float(v.detach().float().cpu()) if isinstance(v, Tensor) else float(v) for k, v in values.items()
-        }
-
-
 # ---------------------------------------------------------------------------------------------- ranks
 
 
@@ -380,14 +354,6 @@ def all_reduce_gradients(params: Iterable[nn.Parameter], world_size: int, bucket
             p.grad = torch.zeros_like(p)
     for bucket in gradient_buckets([p.grad for p in params], int(bucket_mb * 2**20)):
         xm.all_reduce(xm.REDUCE_SUM, bucket, scale=1.0 / world_size)
-
-
-def device_loader(loader: Iterable, dev: torch.device) -> Iterator:
-    """Batches moved to the XLA device by a background thread (torch_xla's MpDeviceLoader)."""
-    require()
-    from torch_xla.distributed.parallel_loader import MpDeviceLoader
-
-    return iter(MpDeviceLoader(loader, dev))
 
 
 def to_cpu(obj: Any) -> Any:

@@ -221,7 +221,7 @@ def test_scaling_rows_fixed_global_batch() -> None:
 
 def test_mean_training_flops_uses_the_sampled_depths() -> None:
     from recpre.config import ModelConfig
-    from recpre.model import sample_depth
+    from recpre.recurrence import sample_depth
 
     config = ModelConfig.from_name("debug-recurrent")
     draws = [sample_depth(config, i, 0, 0) for i in range(50)]

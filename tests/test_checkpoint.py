@@ -163,6 +163,8 @@ def test_manifest_is_json_with_sizes(setup):
 
 
 def test_init_weights_from_a_huginn_folder():
+    from recpre.weights import load_initial_weights as load_weights
+
     fixture = Path(__file__).parent / "fixtures" / "huginn-tiny"
     config = ModelConfig.from_name("huginn-tiny")
     model = build_model(config)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from recpre.config import ModelConfig
-from recpre.model import KVCache, ModelOutput, build_model, compile_blocks, sample_depth
+from recpre.model import KVCache, ModelOutput, build_model, compile_blocks
 from recpre.model_registry import names
+from recpre.recurrence import sample_depth
 
 SMALL = {
     "n_embd": 32,

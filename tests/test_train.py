@@ -213,7 +213,7 @@ def test_print_config_and_help(tmp_path):
 
 
 def test_loss_spike_guard_needs_patience_and_ignores_the_spikes_in_its_mean():
-    from recpre.training import LossSpikeGuard
+    from recpre.guardrails import LossSpikeGuard
 
     guard = LossSpikeGuard(factor=2.0, patience=3, warmup=5)
     assert not any(guard.update(5.0 - 0.1 * i) for i in range(10))
@@ -229,7 +229,7 @@ def test_loss_spike_guard_needs_patience_and_ignores_the_spikes_in_its_mean():
 
 
 def test_learning_rate_reaches_every_group_in_proportion():
-    from recpre.training import set_learning_rate
+    from recpre.schedules import set_learning_rate
 
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.02}], lr=1.0)

@@ -2,7 +2,7 @@
 
 The kernels are reached through a small adapter (`NkiKernels`): AWS's kernels that ship with neuronx-cc
 by default, or anything with the same calling convention (a kernel of our own, the newer `nki` dialect, or
-the pure-torch stand-in the CPU tests inject). The kernel contract (REFERENCE.md section 4):
+the pure-torch stand-in the CPU tests inject). The kernel contract (docs/trainium.md, "NKI kernel contract"):
 
     fwd[b, h](q, k, v, seed, logit_bias=None, softmax_scale=, use_causal_mask=, mixed_precision=True,
               dropout_p=0.0, config=make_config(seq_tile_size)) -> (o, lse)

@@ -137,14 +137,6 @@ def test_rewind_step_counters_only_touches_counts_off_the_device():
     assert all(s.device.type == "meta" for s in steps[0::2])
 
 
-def test_late_metrics_hand_back_the_previous_step():
-    late = xla.LateMetrics()
-    assert late.push(1, {"loss": torch.tensor(2.5), "n": 3}) is None
-    assert late.push(2, {"loss": torch.tensor(1.5, dtype=torch.bfloat16)}) == (1, {"loss": 2.5, "n": 3.0})
-    assert late.flush() == (2, {"loss": 1.5})
-    assert late.flush() is None
-
-
 def test_run_recurrence_matches_a_plain_loop_and_backpropagates_through_k_only():
     torch.manual_seed(0)
     core = nn.Linear(6, 6)

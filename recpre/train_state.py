@@ -1,0 +1,175 @@
+"""The state of a run that is not weights: counters and guardrails (`TrainState`), and the registry of every
+stateful part (`RunState`) that a checkpoint saves and a resume restores, each in one call.
+
+Parts implement `state_dict()` / `load_state_dict()`. Shared parts (optimizer, train state, the optimizer's
+identity) are written once by rank 0 into `state.pt`; per-rank parts (data loader position, RNG) go into each
+rank's own file; the weights go into `model.safetensors`. New capabilities (adapters, RL state, sharded
+optimizer state) register parts instead of growing the driver.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from recpre.checkpoint import MODEL_FILE, load_state, load_weights, rng_state, save_checkpoint, set_rng_state
+from recpre.errors import UserError
+from recpre.guardrails import LossSpikeGuard
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Counters of a run; `micro_batches` counts global micro-batches (all ranks), which key depth and noise."""
+
+    step: int = 0
+    tokens: int = 0
+    micro_batches: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    guard: LossSpikeGuard = field(default_factory=lambda: LossSpikeGuard(None, 1))
+
+    def record_step(self, tokens: int, *, finite: bool) -> None:
+        self.step += 1
+        self.tokens += tokens
+        if finite:
+            self.nonfinite_in_a_row = 0
+        else:
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = ("step", "tokens", "micro_batches", "skipped_steps", "nonfinite_in_a_row")
+        return {**{k: getattr(self, k) for k in keys}, "guard": self.guard.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("step", "tokens", "micro_batches", "skipped_steps", "nonfinite_in_a_row"):
+            setattr(self, key, int(state[key]))
+        self.guard.load_state_dict(state["guard"])
+
+
+def upgrade_legacy_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of format 1 before the component refactor kept the guard beside `progress` and counted
+    micro-steps per rank; the global count is that times the world size (resuming needs the same one)."""
+    progress = state.get("progress")
+    if progress is None or "micro_batches" in progress:
+        return state
+    progress = dict(progress)
+    progress["micro_batches"] = int(progress.pop("micro_steps")) * int(state.get("world_size", 1))
+    progress["guard"] = state.get("guard", {"mean": None, "seen": 0, "in_a_row": 0})
+    return {**state, "progress": progress}
+
+
+class OptimizerIdentity:
+    """What optimizer state is only valid for (the rule and the parameter grouping): saved, and checked on load."""
+
+    def __init__(self, optim_settings: Any) -> None:
+        self.value = {"name": optim_settings.name, "no_decay": list(optim_settings.no_decay)}
+        self.source = "?"
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.value)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state != self.value:
+            raise UserError(
+                f"checkpoint {self.source} holds optimizer state for {state} but this run uses {self.value}; "
+                f"resume with the same optim.name and optim.no_decay, or start a new run with "
+                f"run.init_from={self.source}"
+            )
+
+
+class RngState:
+    """The generators a step draws from on this rank (python, torch CPU and the CUDA device)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state, self.device)
+
+
+class OptimizerState:
+    """An optimizer whose restored moments keep this run's hyperparameters (lr, weight decay, betas)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, source: str = "?") -> None:
+        self.optimizer, self.source = optimizer, source
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from recpre.optim import load_optimizer_state
+
+        load_optimizer_state(self.optimizer, state, source=self.source)
+
+
+@dataclass
+class RunState:
+    """Every stateful part of a run, saved and restored together (one call each)."""
+
+    fabric: Any
+    backend: Any  # recpre.step_backends.StepBackend: device <-> CPU for the files
+    model: torch.nn.Module
+    model_config: dict[str, Any]
+    settings_yaml: str
+    root: Path  # RUN/checkpoints
+    keep: int
+    shared: dict[str, Stateful] = field(default_factory=dict)
+    per_rank: dict[str, Stateful] = field(default_factory=dict)
+
+    def save(self, step: int) -> Path:
+        """Write checkpoint `step` (every rank calls this); returns its folder."""
+        return save_checkpoint(
+            self.root,
+            step,
+            model=self.backend.saveable_model(self.model),
+            model_config=self.model_config,
+            settings_yaml=self.settings_yaml,
+            state={name: self.backend.to_cpu(part.state_dict()) for name, part in self.shared.items()},
+            rank_state={name: self.backend.to_cpu(part.state_dict()) for name, part in self.per_rank.items()},
+            fabric=self.fabric,
+            keep=self.keep,
+        )
+
+    def restore(self, ckpt: Path) -> bool:
+        """Weights and every registered part from `ckpt` (verified by rank 0 before); False when it holds
+        weights only (an imported checkpoint: training starts at step 0)."""
+        state = upgrade_legacy_state(load_state(ckpt, self.fabric.rank))
+        self.backend.load_weights(self.model, ckpt / MODEL_FILE, lambda m, path: load_weights(m, path))
+        if "optimizer" not in state:
+            return False
+        if state.get("world_size", self.fabric.world_size) != self.fabric.world_size:
+            raise UserError(
+                f"checkpoint {ckpt} was written by {state['world_size']} ranks but this run has "
+                f"{self.fabric.world_size}; resume with the same number of ranks, or start a new run with "
+                f"run.init_from={ckpt}"
+            )
+        for part in self.shared.values():
+            if hasattr(part, "source"):
+                part.source = str(ckpt)
+        for name, part in self.shared.items():
+            if name in state:
+                part.load_state_dict(state[name])
+        if state["rank"] is None:
+            if self.fabric.is_main:
+                print(
+                    f"warning: {ckpt} has no state for rank {self.fabric.rank}; its data order restarts",
+                    file=sys.stderr,
+                )
+            return True
+        for name, part in self.per_rank.items():
+            part.load_state_dict(state["rank"][name])
+        return True
