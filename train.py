@@ -205,8 +205,10 @@ def agree_on_checkpoint(settings: Any, run_dir: Path, config: Any, fabric: Simpl
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args.config, args.overrides)
+    sweep_depths = None
     if args.compile_sweep:  # XLA: a few steps that visit every graph (recpre/xla.py)
-        sweep = xla_helpers.sweep_overrides(str(settings.run.out_dir), int(settings.eval.interval))
+        sweep_depths = backprop_depths(settings)
+        sweep = xla_helpers.sweep_overrides(str(settings.run.out_dir), int(settings.eval.interval), len(sweep_depths))
         settings = load_settings(args.config, [*args.overrides, *sweep])
     if args.print_config:
         print(settings_to_yaml(settings), end="")
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ck = settings.checkpoint
     stop = StopRequest.from_environment(ck.save_before_end_min, on_signal=ck.on_signal)
     try:
-        return train(settings, fabric, stop, compile_sweep=args.compile_sweep)
+        return train(settings, fabric, stop, sweep_depths=sweep_depths)
     except (TrainingAborted, FabricError, CheckpointSaveError) as err:
         # Not bad input (exit code 2) but a run that cannot go on: one line, exit code 1, no stack dump.
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -225,6 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop.uninstall()
         fabric.teardown()
+
+
+def backprop_depths(settings: Any) -> list[int]:
+    """Every backprop depth the run trains at (a curriculum may ramp it): each is one set of XLA graphs."""
+    config = model_config(settings)
+    policy = RecurrencePolicy.from_settings(settings.train.recurrence, config)
+    steps = settings.train.max_steps or settings.train.recurrence.curriculum.steps + 1
+    return policy.backprop_depths(steps) if policy is not None else [1]
 
 
 @dataclass
@@ -280,7 +290,7 @@ class Run:
         return path
 
 
-def build_run(settings: Any, fabric: SimpleFabric, compile_sweep: bool) -> Run:
+def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | None = None) -> Run:
     """Data, model, optimizer and state (resumed when a checkpoint exists); the run folder appears only once
     all of it is valid, so bad input leaves nothing behind."""
     t_start, seed, run_dir = time.perf_counter(), settings.run.seed, Path(settings.run.out_dir)
@@ -295,7 +305,7 @@ def build_run(settings: Any, fabric: SimpleFabric, compile_sweep: bool) -> Run:
         load_initial_weights(model, settings.run.init_from, config=config.to_dict())
     model = fabric.setup_model(model)
     optimizer = build_optimizer(fabric.unwrap(model), settings.optim)
-    backend = step_backend(fabric.strategy, config, compile_sweep=compile_sweep)
+    backend = step_backend(fabric.strategy, config, sweep_depths=sweep_depths)
     tr = settings.train
     state = TrainState(guard=LossSpikeGuard(tr.loss_spike_factor, tr.loss_spike_patience))
     parts = RunState(
@@ -339,8 +349,8 @@ def build_run(settings: Any, fabric: SimpleFabric, compile_sweep: bool) -> Run:
     return run
 
 
-def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, compile_sweep: bool = False) -> int:
-    run = build_run(settings, fabric, compile_sweep)
+def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, sweep_depths: list[int] | None = None) -> int:
+    run = build_run(settings, fabric, sweep_depths)
     state, tr = run.state, settings.train
     if state.step == 0:
         run.validate()

@@ -14,7 +14,6 @@ from typing import Any
 
 from recpre.errors import UserError
 from recpre.recurrence import SAMPLING_SCHEMES
-from recpre.settings import FUSED_HEADS
 
 ARCHITECTURES = ("gpt", "recurrent")
 BLOCK_KINDS = ("pre", "post", "sandwich")
@@ -24,6 +23,7 @@ STATE_INITS = ("like-init", "zero")
 # (what training samples is `train.recurrence`, recpre/recurrence.py). Checkpoints load whatever they are.
 RUNTIME_FIELDS = ("name", "attention", "fused_head", "activation_checkpointing")
 RECURRENCE_DEFAULTS = ("mean_recurrence", "mean_backprop_depth", "sampling_scheme", "lockstep")
+FUSED_HEADS = ("none", "chunked")
 INIT_STRATEGIES = ("takase", "scaled")
 
 

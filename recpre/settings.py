@@ -24,6 +24,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from recpre.config import FUSED_HEADS, ModelConfig
 from recpre.errors import UserError
 from recpre.recurrence import CURRICULA, SAMPLING_SCHEMES, STATE_NOISE
 
@@ -35,7 +36,6 @@ OPTIMIZERS = ("adamw", "ellis-adam", "muon")
 SCHEDULES = ("trapezoid", "cosine", "linear", "constant")
 # Static on purpose: flex/flash/nki register themselves only when their optional module is importable.
 ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "flex", "flash", "nki")
-FUSED_HEADS = ("none", "chunked")
 STRATEGIES = ("auto", "single", "simple-ddp", "torch-ddp", "xla")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
 DEVICES = ("auto", "cpu", "cuda", "mps", "xla")
@@ -690,8 +690,6 @@ def _check_model(s: Settings, where: _Origins) -> None:
             where,
             f"duplicates a model setting; set model.{key} instead",
         )
-    from recpre.config import ModelConfig
-
     try:
         cfg = ModelConfig.from_name(s.model.name, **_runtime_fields(s), **s.model.overrides)
     except (UserError, TypeError, ValueError) as err:
@@ -785,8 +783,6 @@ def _runtime_fields(settings: Settings) -> dict[str, Any]:
 
 def model_config(settings: Settings) -> Any:
     """The ModelConfig a run builds: the named shape, model.overrides, and the runtime model choices."""
-    from recpre.config import ModelConfig
-
     return ModelConfig.from_name(settings.model.name, **_runtime_fields(settings), **settings.model.overrides)
 
 

@@ -75,9 +75,9 @@ class XlaStep(EagerStep):
 
     name = "xla"
 
-    def __init__(self, config: Any, *, sweep: bool = False) -> None:
-        self.config, self.sweep = config, sweep
-        self.saves_checkpoints = not sweep  # a sweep's weights are garbage under neuron_parallel_compile
+    def __init__(self, config: Any, *, sweep_depths: list[int] | None = None) -> None:
+        self.config, self.sweep = config, sweep_depths
+        self.saves_checkpoints = not sweep_depths  # a sweep's weights are garbage under neuron_parallel_compile
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Optimizer state and weights in steady-state form, and a graph cut after every no-grad iteration."""
@@ -88,7 +88,7 @@ class XlaStep(EagerStep):
 
     def training_depth(self, spec: Any, n: int, k: int, micro_step: int) -> tuple[int, int]:
         n, k = xla_helpers.training_depth(spec, n, k)
-        return xla_helpers.sweep_depth(micro_step, k) if self.sweep else (n, k)
+        return xla_helpers.sweep_depth(micro_step, self.sweep) if self.sweep else (n, k)
 
     def seed_noise(self, seed: int) -> None:
         torch.manual_seed(seed)
@@ -131,6 +131,7 @@ class XlaStep(EagerStep):
         xla_helpers.load_through_cpu(model, empty, lambda m: load(m, path))
 
 
-def step_backend(strategy: str, config: Any, *, compile_sweep: bool = False) -> EagerStep:
-    """The backend of a fabric strategy."""
-    return XlaStep(config, sweep=compile_sweep) if strategy == "xla" else EagerStep()
+def step_backend(strategy: str, config: Any, *, sweep_depths: list[int] | None = None) -> EagerStep:
+    """The backend of a fabric strategy; `sweep_depths` (the backprop depths a run will use) makes the XLA
+    backend a compile sweep."""
+    return XlaStep(config, sweep_depths=sweep_depths) if strategy == "xla" else EagerStep()

@@ -386,14 +386,16 @@ def load_through_cpu(module: nn.Module, empty: nn.Module, load: Callable[[nn.Mod
 # ---------------------------------------------------------------------------------------------- compile sweep
 
 
-def sweep_depth(micro_step: int, k_fixed: int) -> tuple[int, int]:
+def sweep_depth(micro_step: int, k_values: int | list[int]) -> tuple[int, int]:
     """Depth of micro-step `micro_step` in a compile sweep: n cycles 0, 1, 2 (no recurrence graph, the first
-    use of the one-iteration graph, its reuse), k stays fixed: with graph-stable recurrence that is every
-    training graph whatever depth the real run samples."""
-    return micro_step % 3, k_fixed
+    use of the one-iteration graph, its reuse) for each backprop depth k in turn: with graph-stable recurrence
+    that is every training graph whatever depth the real run samples. A backprop-depth curriculum passes
+    several k values (one set of graphs each); the sweep then needs `SWEEP_STEPS` steps per value."""
+    ks = [k_values] if isinstance(k_values, int) else list(k_values)
+    return micro_step % 3, ks[(micro_step // 3) % len(ks)]
 
 
-def sweep_overrides(out_dir: str, eval_interval: int) -> list[str]:
+def sweep_overrides(out_dir: str, eval_interval: int, backprop_depths: int = 1) -> list[str]:
     """Settings overrides of a compile sweep: a few steps into `<out_dir>/compile-sweep`, one validation pass
     (step 0) when the run validates at all, no checkpoint, no ramp, no wandb. Under neuron_parallel_compile the
     numbers are garbage (NEURON_EXTRACT_GRAPHS_ONLY): nothing of it must look like a real run."""
@@ -401,7 +403,7 @@ def sweep_overrides(out_dir: str, eval_interval: int) -> list[str]:
         f"run.out_dir={out_dir}/compile-sweep",
         "run.resume=never",
         "run.init_from=null",
-        f"train.max_steps={SWEEP_STEPS}",
+        f"train.max_steps={SWEEP_STEPS * max(backprop_depths, 1)}",
         "train.max_tokens=null",
         "train.max_nonfinite_steps=1000",
         "train.loss_spike_factor=null",
