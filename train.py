@@ -394,7 +394,8 @@ def log_step(run: Run, metrics: dict[str, Any], lr: float, throughput: Throughpu
     flops_per_s = metrics["flops"] / seconds if seconds > 0 else 0.0
     row = {"step": step, "tokens": run.state.tokens, "loss": metrics["loss"], "lr": lr}
     row.update(grad_norm=metrics["grad_norm"], tokens_per_s=tokens_per_s, flops_per_s=flops_per_s)
-    row.update({k: metrics[k] for k in metrics if k not in ("loss", "grad_norm", "flops", "step_tokens")})
+    skip = ("loss", "grad_norm", "flops", "step_tokens")
+    row.update({k: v for k, v in metrics.items() if k not in skip and v is not None})  # depth: recurrent only
     mfu_datasheet, mfu_measured = mfu(flops_per_s, device_peak(run.fabric.device)[1], run.fabric.world_size)
     if mfu_datasheet is not None:
         row.update(mfu=mfu_datasheet, mfu_measured=mfu_measured)
