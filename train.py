@@ -45,7 +45,14 @@ from recpre.monitor import Monitor, Throughput
 from recpre.optim import build_optimizer, load_optimizer_state
 from recpre.preemption import StopRequest, stop_code
 from recpre.schedules import BatchPlan, learning_rate
-from recpre.settings import load_settings, model_config, save_settings, settings_to_yaml, validate_for_world
+from recpre.settings import (
+    load_settings,
+    model_config,
+    save_settings,
+    settings_notes,
+    settings_to_yaml,
+    validate_for_world,
+)
 from recpre.training import (
     LossSpikeGuard,
     TrainingAborted,
@@ -226,11 +233,13 @@ def restore(ckpt: Path, settings: Any, fabric: SimpleFabric, model, optimizer, p
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = load_settings(args.config, args.overrides)
+    settings = load_settings(args.config, args.overrides, mark_unset_env=args.print_config)
     if args.compile_sweep:  # -- xla: compile sweep (recpre/xla.py)
         sweep = xla_helpers.sweep_overrides(str(settings.run.out_dir), int(settings.eval.interval))
         settings = load_settings(args.config, [*args.overrides, *sweep])
     if args.print_config:
+        for note in settings_notes(settings):  # e.g. an unset ${oc.env:VAR}, shown marked
+            print(note, file=sys.stderr)
         print(settings_to_yaml(settings), end="")
         return 0
     fabric = SimpleFabric(settings.fabric)
@@ -335,6 +344,8 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, compile_sweep:
         + (f" | resumed from {ckpt.name}" if ckpt is not None else "")
         + f" | setup {time.perf_counter() - t_start:.1f}s"
     )
+    for note in settings_notes(settings):  # e.g. a schedule shortened to fit a short run
+        monitor.print(note)
 
     ckpt_root = run_dir / CHECKPOINTS_DIR
     on_xla = fabric.strategy == "xla"
