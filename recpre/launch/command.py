@@ -117,6 +117,7 @@ def run_train(args: argparse.Namespace, profile: ClusterProfile, cwd: Path) -> i
         profile, [(path, {})], log_dir=job.log_dir, time_limit=job.time, name=job.name, dependency=dependency
     )
     print(f"submitted job {sub.job_id}: {path}")
+    print(f"job log: {sub.log or job.log_dir / f'{job.name}-{sub.job_id}.out'}")
     print(f"run folder: {job.out_dir}")
     if profile.executor == "local" and not args.no_wait:
         sub.wait()
