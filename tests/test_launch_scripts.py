@@ -113,7 +113,7 @@ def test_sbatch_lines_per_profile() -> None:
     assert '--nproc_per_node=32 --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID"' in trn1
     assert "export MASTER_PORT=44000" in trn1 and "export FI_EFA_USE_DEVICE_RDMA=1" in trn1
     local = render_train_script(load_profile("local"), golden_job("local"))
-    assert "#SBATCH" not in local and "\npython -u train.py --config" in local
+    assert "#SBATCH" not in local and f"\n{shlex.quote(sys.executable)} -u train.py --config" in local
 
 
 def test_sbatch_quote() -> None:
@@ -156,7 +156,7 @@ def test_values_round_trip_through_the_shell(tmp_path: Path, name: str) -> None:
     profile = load_profile(name)
     from dataclasses import replace
 
-    profile = replace(profile, setup=[], precompile=profile.precompile)
+    profile = replace(profile, setup=[], precompile=profile.precompile, python="python")  # the stand-in
     job = golden_job(name)
     job = replace(job, workdir=tmp_path, overrides=[*job.overrides, WEIRD, "data.train=[a b,c]"])
     script = tmp_path / "job.sh"
