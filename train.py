@@ -41,7 +41,7 @@ from recpre.errors import UserError, run_cli
 from recpre.fabric import FabricError, SimpleFabric
 from recpre.flops import device_peak, mfu, training_flops_per_token
 from recpre.model import build_model, compile_blocks, sample_depth
-from recpre.monitor import Monitor, Throughput
+from recpre.monitor import Monitor, Throughput, require_logging_extras
 from recpre.optim import build_optimizer, load_optimizer_state
 from recpre.preemption import StopRequest, stop_code
 from recpre.schedules import BatchPlan, learning_rate
@@ -50,6 +50,7 @@ from recpre.settings import (
     model_config,
     save_settings,
     settings_notes,
+    settings_to_dict,
     settings_to_yaml,
     validate_for_world,
 )
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             print(note, file=sys.stderr)
         print(settings_to_yaml(settings), end="")
         return 0
+    require_logging_extras(settings.log)  # before any run folder exists
     fabric = SimpleFabric(settings.fabric)
     validate_for_world(settings, fabric.world_size)
     fabric.launch()
@@ -333,7 +335,7 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, compile_sweep:
         start_step=step,
         enabled=fabric.is_main,
         run_name=settings.run.name,
-        config={"settings": settings_to_yaml(settings)},
+        config=settings_to_dict(settings),
     )
     device_name, peak = device_peak(fabric.device)
     depths = eval_depths(config, settings.eval.depths)

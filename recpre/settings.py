@@ -833,6 +833,11 @@ class _Dumper(yaml.SafeDumper):
 _Dumper.add_representer(list, _Dumper.represent_list)
 
 
+def settings_to_dict(settings: Settings) -> dict[str, Any]:
+    """The settings as nested plain values (e.g. wandb's config, so runs can be filtered by optim.lr)."""
+    return dataclasses.asdict(settings)
+
+
 def settings_to_yaml(settings: Settings) -> str:
     body = yaml.dump(_escape(dataclasses.asdict(settings)), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
     return "# Resolved recpre settings: load_settings(this_file, []) reproduces them exactly.\n" + body
