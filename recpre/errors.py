@@ -38,7 +38,7 @@ def run_command(body: Callable[[], int | None]) -> int:
 
 def missing_extra(package: str, extra: str, needed_by: str) -> UserError:
     """The error for an optional dependency that is not installed: one sentence naming the extra."""
-    return UserError(f"{needed_by} needs {package}, which is not installed; pip install -e \".[{extra}]\"")
+    return UserError(f'{needed_by} needs {package}, which is not installed; pip install -e ".[{extra}]"')
 
 
 def run_cli(main: Callable[[], T]) -> T:
