@@ -98,3 +98,12 @@ def test_a_run_without_matplotlib_says_why_there_is_no_plot(tiny_corpus, tmp_pat
     assert out.returncode == 0, out.stderr
     assert 'loss.png not written: matplotlib is not installed (pip install -e ".[plot]")' in out.stdout
     assert not (run / "loss.png").exists() and (run / "metrics.jsonl").is_file()
+
+
+def test_evaluate_without_lm_eval_names_the_extra(tmp_path):
+    """Issue 19.8: `python evaluate/run.py` without lm-eval gave a ModuleNotFoundError traceback."""
+    out = without("lm_eval", "evaluate/run.py", "--checkpoint", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        'error: recpre-evaluate (evaluate/run.py) needs lm-eval, which is not installed; pip install -e ".[eval]"'
+    ]
