@@ -35,12 +35,20 @@ from recpre.fabric import FabricError, SimpleFabric
 from recpre.flops import device_peak, mfu
 from recpre.guardrails import LossSpikeGuard, TrainingAborted, debug_nan_steps
 from recpre.model import build_model, compile_blocks
-from recpre.monitor import Monitor, Throughput
+from recpre.monitor import Monitor, Throughput, require_logging_extras
 from recpre.optim import build_optimizer
 from recpre.preemption import StopRequest, stop_code
 from recpre.recurrence import RecurrencePolicy
 from recpre.schedules import BatchPlan, learning_rate, set_learning_rate
-from recpre.settings import load_settings, model_config, save_settings, settings_to_yaml, validate_for_world
+from recpre.settings import (
+    load_settings,
+    model_config,
+    save_settings,
+    settings_notes,
+    settings_to_dict,
+    settings_to_yaml,
+    validate_for_world,
+)
 from recpre.step_backends import step_backend
 from recpre.train_state import OptimizerIdentity, OptimizerState, RngState, RunState, TrainState
 from recpre.train_step import Trainer, train_step
@@ -204,15 +212,18 @@ def agree_on_checkpoint(settings: Any, run_dir: Path, config: Any, fabric: Simpl
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = load_settings(args.config, args.overrides)
+    settings = load_settings(args.config, args.overrides, mark_unset_env=args.print_config)
     sweep_depths = None
     if args.compile_sweep:  # XLA: a few steps that visit every graph (recpre/xla.py)
         sweep_depths = backprop_depths(settings)
         sweep = xla_helpers.sweep_overrides(str(settings.run.out_dir), int(settings.eval.interval), len(sweep_depths))
         settings = load_settings(args.config, [*args.overrides, *sweep])
     if args.print_config:
+        for note in settings_notes(settings):  # e.g. an unset ${oc.env:VAR}, shown marked
+            print(note, file=sys.stderr)
         print(settings_to_yaml(settings), end="")
         return 0
+    require_logging_extras(settings.log)  # before any run folder exists
     fabric = SimpleFabric(settings.fabric)
     validate_for_world(settings, fabric.world_size)
     fabric.launch()
@@ -332,7 +343,7 @@ def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | Non
     total_steps = plan.total_steps(tr.max_steps, tr.max_tokens, start_step=state.step, start_tokens=state.tokens)
     monitor = Monitor(run_dir, log_settings=settings.log, total_steps=total_steps, start_step=state.step,
                       enabled=fabric.is_main, run_name=settings.run.name,
-                      config={"settings": settings_to_yaml(settings)})  # fmt: skip
+                      config=settings_to_dict(settings))  # fmt: skip
     trainer = Trainer(model, optimizer, fabric, backend, config,
                       RecurrencePolicy.from_settings(tr.recurrence, config), seed,
                       grad_clip=tr.grad_clip or float("inf"), input_kwargs=inputs,
@@ -346,6 +357,8 @@ def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | Non
         + (f" | resumed from {ckpt.name}" if ckpt is not None else "")
         + f" | setup {time.perf_counter() - t_start:.1f}s"
     )
+    for note in settings_notes(settings):  # e.g. a schedule shortened to fit a short run
+        monitor.print(note)
     return run
 
 

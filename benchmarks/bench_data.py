@@ -36,8 +36,8 @@ def time_loader(paths, seconds: float, **kw) -> tuple[float, float]:
 
     loader = PackedLoader(paths, **kw)
     it = iter(loader)
-    for _ in range(3):
-        next(it)  # warm up: thread start, first window
+    for _ in range(32):
+        next(it)  # warm up: thread start, the first window of every source (a mixture's too)
     n = 0
     start, cpu = time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
@@ -46,6 +46,29 @@ def time_loader(paths, seconds: float, **kw) -> tuple[float, float]:
     rate, cpu_rate = n / (time.perf_counter() - start), n / (time.process_time() - cpu)
     loader.close()
     return rate, cpu_rate
+
+
+def read_amplification(paths, rank: int, **kw) -> float:
+    """Rows a rank reads from disk per row it uses, over one epoch: the loader's read locality (1.0 is ideal;
+    independent of machine load)."""
+    from recpre.data.loader import PackedLoader
+    from recpre.data.packed import PackedFile
+
+    read = [0]
+    original = PackedFile.read_group
+
+    def counting(self, index):
+        rows = original(self, index)
+        read[0] += len(rows)
+        return rows
+
+    PackedFile.read_group = counting
+    try:
+        loader = PackedLoader(paths, rank=rank, num_epochs=1, prefetch=0, **kw)
+        used = sum(x.shape[0] for x, _ in loader)
+    finally:
+        PackedFile.read_group = original
+    return read[0] / used
 
 
 def time_pipeline(max_files: int) -> tuple[float, int]:
@@ -103,6 +126,12 @@ def main() -> None:
             )
             note = f"{cpu_rate / 1e6:.1f} Mtok per CPU-s; block {args.block_size}, mb {args.micro_batch}"
             figures.append({"name": f"loader {name}", "value": round(rate / 1e6, 2), "unit": "Mtok/s", "note": note})
+        for world in (2, 8, 64):
+            amp = read_amplification([a], 1, world_size=world, **kw)
+            print(
+                f"loader  read amplification, rank 1 of {world:3d}, mb {args.micro_batch:3d}: {amp:5.2f} rows read per row used"
+            )
+            figures.append({"name": f"loader read amplification world {world}", "value": round(amp, 2), "unit": "x"})
     if args.pipeline_files:
         rate, n = time_pipeline(args.pipeline_files)
         print(f"pipeline tokenize+pack ({n / 1e6:.2f}M tokens, vocab 4096, encode_batch): {rate / 1e6:.2f} Mtok/s")

@@ -24,6 +24,23 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_BAD_INPUT)
 
 
+def run_command(body: Callable[[], int | None]) -> int:
+    """A command's exit code: the body's (None = 0), 2 with one `error:` line for a UserError, and argparse's
+    own code for --help (0) or a malformed flag (2), returned rather than raised so `main(argv)` is callable."""
+    try:
+        return int(body() or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+
+
+def missing_extra(package: str, extra: str, needed_by: str) -> UserError:
+    """The error for an optional dependency that is not installed: one sentence naming the extra."""
+    return UserError(f'{needed_by} needs {package}, which is not installed; pip install -e ".[{extra}]"')
+
+
 def run_cli(main: Callable[[], T]) -> T:
     """Run a command-line entry point, turning a UserError into one line on stderr and exit code 2."""
     try:

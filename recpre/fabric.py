@@ -355,6 +355,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """A single-process tool's device, chosen as training chooses it: `auto` is CUDA/ROCm, else MPS, else CPU;
+    `cuda:N` names one GPU."""
+    if name.startswith("cuda:") and name[5:].isdigit():
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(name[5:]) >= count:
+            raise UserError(f"--device {name}: only {count} CUDA/ROCm GPU(s) are visible; use --device auto or cpu")
+        return torch.device(name)
+    if name not in ("auto", "cpu", "cuda", "mps"):
+        raise UserError(f"--device {name!r} must be auto, cpu, cuda, cuda:N or mps")
+    return _pick_device(name, 0)
+
+
 def _pick_device(name: str, local_rank: int) -> torch.device:
     if name == "xla":
         try:

@@ -6,18 +6,22 @@ to ask. metrics.jsonl is the record of truth (one JSON object per line); everyth
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from recpre.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -215,7 +219,9 @@ class Monitor:
             self._metrics = None
         if summary:
             self.print("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-        if wrote and plot:
+        if wrote and plot and not _importable("matplotlib"):
+            self.print(f'{PLOT_FILE} not written: matplotlib is not installed (pip install -e ".[plot]")')
+        elif wrote and plot:
             out = plot_losses(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE)
             if out is not None:
                 self.print(f"wrote {out}")
@@ -226,21 +232,51 @@ class Monitor:
             self._wandb = None
 
 
-def _start_wandb(wandb_settings: Any, run_name: str, run_dir: Path | None, config: dict | None) -> Any:
+def _importable(name: str) -> bool:
+    """Whether an optional package imports here (installed and not broken)."""
     try:
-        import wandb
-    except ImportError as err:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def require_logging_extras(log_settings: Any) -> None:
+    """Refuse, before a run folder exists, logging that needs a package this installation lacks."""
+    mode = getattr(getattr(log_settings, "wandb", None), "mode", "disabled")
+    if mode != "disabled" and not _importable("wandb"):
         raise UserError(
-            'log.wandb.mode is not "disabled" but wandb is not installed; pip install -e ".[wandb]" '
+            f'log.wandb.mode is "{mode}" but wandb is not installed; pip install -e ".[wandb]" '
             "or set log.wandb.mode=disabled"
-        ) from err
+        )
+
+
+def wandb_run_id(run_dir: Path | None) -> str:
+    """A wandb run id unique to this run folder and the same for every segment that resumes it: drawn once
+    and kept in RUN/wandb_run_id (the run name would merge two experiments that share a name)."""
+    fresh = secrets.token_hex(8)
+    if run_dir is None:
+        return fresh
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file() and path.read_text(encoding="utf-8").strip():
+        return path.read_text(encoding="utf-8").strip()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(fresh + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return fresh
+
+
+def _start_wandb(wandb_settings: Any, run_name: str, run_dir: Path | None, config: dict | None) -> Any:
+    require_logging_extras(SimpleNamespace(wandb=wandb_settings))
+    import wandb
+
     os.environ.setdefault("WANDB_SILENT", "true")
     run = wandb.init(
         mode=wandb_settings.mode,
         project=wandb_settings.project,
         entity=getattr(wandb_settings, "entity", None),
         name=run_name,
-        id=run_name.replace("/", "-"),
+        id=wandb_run_id(run_dir),
         resume="allow",
         dir=str(run_dir) if run_dir is not None else None,
         config=config,

@@ -154,7 +154,7 @@ class WandbSettings:
 
 @dataclass
 class LogSettings:
-    interval: int = 10  # optimizer steps between metric rows
+    interval: int = 10  # optimizer steps between console lines; metrics.jsonl and wandb get a row every step
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
     plot: bool = True  # write loss.png in the run folder
     wandb: WandbSettings = field(default_factory=WandbSettings)
@@ -382,10 +382,23 @@ class _Origins:
 
     def __init__(self) -> None:
         self.sources: dict[str, str] = {}
+        self.layers: dict[str, int] = {}  # key -> index of the layer that set it last (defaults: -1)
+        self.notes: list[str] = []  # adjustments made while loading, for the driver to print
+        self._count = 0
 
-    def record(self, data: dict, source: str) -> None:
+    def record(self, data: dict, source: str, *, layer: int | None = None) -> None:
+        """Keys set by `source`; each file is its own layer, the command line's overrides are one layer."""
+        if layer is None:
+            self._count += 1
         for key in _flatten(data):
             self.sources[key] = source
+            self.layers[key] = self._count if layer is None else layer
+
+    def next_layer(self) -> int:
+        return self._count + 1
+
+    def layer(self, key: str) -> int:
+        return self.layers.get(key, -1)
 
     def __call__(self, key: str) -> str:
         key = re.sub(r"\[\d+\]", "", key)
@@ -482,7 +495,15 @@ def _walk_strings(node: Any, prefix: str = ""):
         yield prefix, node
 
 
-def _check_env(raw: dict, where: _Origins) -> None:
+def unset_marker(var: str) -> str:
+    """What `--print-config` shows for a value read from an environment variable that is not set."""
+    return f"<unset ${var}>"
+
+
+def _check_env(raw: dict, where: _Origins, *, mark_missing: bool = False) -> dict[str, str]:
+    """Refuses secrets read through ${oc.env:...}; a missing variable is an error, or (mark_missing) gets a
+    stand-in value that names it, returned as {var: marker} for the caller to put in the environment."""
+    missing: dict[str, str] = {}
     for key, text in _walk_strings(raw):
         for match in _ENV_RE.finditer(text):
             var, default = match.group(1), match.group(2)
@@ -491,11 +512,16 @@ def _check_env(raw: dict, where: _Origins) -> None:
                     f"{key} in {where(key)} reads the secret-looking variable {var} through ${{oc.env:{var}}}, "
                     "but secrets belong in the environment only and are never written into saved settings."
                 )
-            if default is None and var not in os.environ:
+            if default is None and var not in os.environ and mark_missing:
+                if var not in missing:
+                    where.notes.append(f"note: {var} is not set; values that use it show {unset_marker(var)}")
+                missing[var] = unset_marker(var)
+            elif default is None and var not in os.environ:
                 raise UserError(
                     f"{key} in {where(key)} uses ${{oc.env:{var}}} but the environment variable {var} is not set "
                     f"(export it, or give a default as ${{oc.env:{var},DEFAULT}})."
                 )
+    return missing
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -664,9 +690,27 @@ def _check_recurrence(r: RecurrenceSettings, where: _Origins) -> None:
 
 
 def _check_step_budget(s: Settings, steps: int | None, where: _Origins, key: str) -> None:
+    """Warmup, cooldown and batch ramp must fit the run. When the step budget was set after them (a smoke run:
+    `train.max_steps=50` over a config made for thousands of steps), they are shortened to fit, with a note;
+    when they were set with or after the budget, the contradiction is the user's to resolve."""
     sc = s.schedule
     if steps is None:
         return
+    budget_later = where.layer(key) > max(where.layer("schedule.warmup_steps"), where.layer("schedule.cooldown_steps"))
+    if sc.warmup_steps + sc.cooldown_steps > steps and budget_later:
+        total = sc.warmup_steps + sc.cooldown_steps
+        warmup, cooldown = sc.warmup_steps * steps // total, sc.cooldown_steps * steps // total
+        where.notes.append(
+            f"note: the {steps} steps of {key} are fewer than schedule.warmup_steps ({sc.warmup_steps}) plus "
+            f"schedule.cooldown_steps ({sc.cooldown_steps}); shortened to {warmup} and {cooldown} steps"
+        )
+        sc.warmup_steps, sc.cooldown_steps = warmup, cooldown
+    if sc.batch_size_ramp > steps and where.layer(key) > where.layer("schedule.batch_size_ramp"):
+        where.notes.append(
+            f"note: the {steps} steps of {key} are fewer than schedule.batch_size_ramp ({sc.batch_size_ramp}); "
+            f"the ramp is shortened to {steps} steps"
+        )
+        sc.batch_size_ramp = steps
     _require(
         sc.warmup_steps + sc.cooldown_steps <= steps,
         "schedule.warmup_steps",
@@ -719,8 +763,14 @@ def _check_model(s: Settings, where: _Origins) -> None:
 # Public API
 
 
-def load_settings(config_path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
-    """Defaults < base files < YAML < overrides, resolved and validated; raises UserError on any bad input."""
+def load_settings(
+    config_path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, mark_unset_env: bool = False
+) -> Settings:
+    """Defaults < base files < YAML < overrides, resolved and validated; raises UserError on any bad input.
+
+    mark_unset_env: for showing a config (`--print-config`) on a machine without the run's environment, a
+    `${oc.env:VAR}` whose VAR is unset resolves to `unset_marker(VAR)` with a note, instead of an error.
+    """
     if isinstance(overrides, str):
         raise TypeError("load_settings takes overrides as a list of 'key=value' strings, not one string")
     path = DEFAULT_CONFIG if config_path is None else Path(config_path)
@@ -730,23 +780,34 @@ def load_settings(config_path: str | Path | None, overrides: list[str] | tuple[s
         layer = _check_layer(data, Settings, "", source)
         cfg = _merge(cfg, layer, source)
         where.record(layer, source)
+    command_line = where.next_layer()  # all overrides: one layer, after every file
     for item in overrides:
         source = f"command-line override '{item}'"
         layer = _check_layer(_parse_override(item), Settings, "", source)
         cfg = _merge(cfg, layer, source)
-        where.record(layer, source)
+        where.record(layer, source, layer=command_line)
 
-    _check_env(OmegaConf.to_container(cfg, resolve=False), where)
+    missing = _check_env(OmegaConf.to_container(cfg, resolve=False), where, mark_missing=mark_unset_env)
     try:
+        os.environ.update(missing)
         settings = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         key = err.full_key or "?"
         raise UserError(f"{key} in {where(key)} could not be resolved: {_first_line(err)}.") from None
+    finally:
+        for var in missing:
+            os.environ.pop(var, None)
     assert isinstance(settings, Settings)
     _validate(settings, where)
     _check_model(settings, where)
     object.__setattr__(settings, "_origins", where)
     return settings
+
+
+def settings_notes(settings: Settings) -> list[str]:
+    """Lines saying what loading adjusted (e.g. a schedule shortened to fit a short run); print them once."""
+    where: _Origins | None = getattr(settings, "_origins", None)
+    return list(where.notes) if where is not None else []
 
 
 def validate_for_world(settings: Settings, world_size: int) -> None:
@@ -805,6 +866,11 @@ class _Dumper(yaml.SafeDumper):
 
 
 _Dumper.add_representer(list, _Dumper.represent_list)
+
+
+def settings_to_dict(settings: Settings) -> dict[str, Any]:
+    """The settings as nested plain values (e.g. wandb's config, so runs can be filtered by optim.lr)."""
+    return dataclasses.asdict(settings)
 
 
 def settings_to_yaml(settings: Settings) -> str:

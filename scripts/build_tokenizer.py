@@ -1,48 +1,6 @@
-"""Train a byte-level BPE tokenizer (special tokens <|bos|> <|eos|> <|pad|>) and save DIR/tokenizer.json.
+"""`python scripts/build_tokenizer.py --help`: the same command as `recpre-build-tokenizer` (recpre/cli/build_tokenizer.py)."""
 
-python scripts/build_tokenizer.py --input PATH... --vocab-size N --output DIR
-"""
-
-from __future__ import annotations
-
-import argparse
-import itertools
-
-from recpre.errors import run_cli
-
-
-def main() -> None:
-    from recpre.data.atomic import atomic_dir
-    from recpre.data.sources import check_source, iter_documents
-    from recpre.data.tokenizer import train_tokenizer
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="+", required=True, help="text/jsonl/parquet files or folders, or hf:NAME")
-    ap.add_argument("--vocab-size", type=int, required=True, help="total ids, special tokens included")
-    ap.add_argument("--output", required=True, help="new folder for tokenizer.json")
-    ap.add_argument("--text-field", default="text", help="jsonl/parquet field holding the text")
-    ap.add_argument("--max-chars", type=int, default=None, help="train on the first documents up to this many chars")
-    ap.add_argument("--min-frequency", type=int, default=2)
-    args = ap.parse_args()
-    for src in args.input:
-        check_source(src)
-
-    def documents():
-        chars = 0
-        for doc in itertools.chain.from_iterable(iter_documents(s, args.text_field) for s in args.input):
-            if args.max_chars is not None and chars >= args.max_chars:
-                return
-            chars += len(doc)
-            yield doc
-
-    with atomic_dir(args.output) as tmp:
-        tok = train_tokenizer(documents(), args.vocab_size, tmp, min_frequency=args.min_frequency, show_progress=True)
-    if tok.vocab_size < args.vocab_size:
-        print(f"note: the corpus only supports {tok.vocab_size} tokens (asked for {args.vocab_size})")
-    print(
-        f"wrote {args.output}/tokenizer.json (vocab {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id})"
-    )
-
+from recpre.cli.build_tokenizer import main
 
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(main())

@@ -1,46 +1,6 @@
-"""Tokenize raw sources and pack them into parquet rows of block_size + 1 tokens (EOS after every document).
+"""`python scripts/tokenize_corpus.py --help`: the same command as `recpre-tokenize-corpus` (recpre/cli/tokenize_corpus.py)."""
 
-python scripts/tokenize_corpus.py --input PATH... --tokenizer DIR --block-size N --output DIR [--weights W...]
-Weights repeat a source (2 = twice, 0.5 = a deterministic half of its documents).
-"""
-
-from __future__ import annotations
-
-import argparse
-
-from recpre.errors import run_cli
-
-
-def main() -> None:
-    from recpre.data.pipeline import tokenize_corpus
-    from recpre.data.tokenizer import load_tokenizer
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="+", required=True, help="text/jsonl/parquet files or folders, or hf:NAME")
-    ap.add_argument("--tokenizer", required=True, help="folder holding tokenizer.json")
-    ap.add_argument("--block-size", type=int, required=True, help="model context; rows hold block_size + 1 tokens")
-    ap.add_argument("--output", required=True, help="new folder for the packed shards")
-    ap.add_argument("--weights", nargs="+", type=float, default=None, help="one repetition factor per input")
-    ap.add_argument("--text-field", default="text")
-    ap.add_argument("--rows-per-shard", type=int, default=None)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args()
-    tok = load_tokenizer(args.tokenizer)
-    stats = tokenize_corpus(
-        args.input,
-        tok,
-        args.block_size,
-        args.output,
-        weights=args.weights,
-        text_field=args.text_field,
-        rows_per_shard=args.rows_per_shard,
-        progress=not args.no_progress,
-    )
-    print(
-        f"wrote {stats.output}: {stats.num_documents} documents, {stats.num_rows} rows, {stats.num_tokens} tokens "
-        f"in {stats.seconds:.1f}s ({stats.tokens_per_s / 1e6:.2f} Mtok/s)"
-    )
-
+from recpre.cli.tokenize_corpus import main
 
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(main())

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +20,7 @@ from recpre.data.loader import PackedLoader
 from recpre.data.packed import PackedFile, PackedWriter
 from recpre.errors import UserError
 
+REPO = Path(__file__).resolve().parents[1]
 B = 8  # block size; rows hold 9 tokens
 EOS, PAD = 1, 2
 
@@ -126,6 +131,86 @@ def test_partition_exactly_once(tmp_path, world, windows):
         assert len(counts) == 1
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 7])
+def test_exactly_once_for_odd_row_counts(tmp_path, world, windows):
+    """Issue 19.5: every rank reads each row at most once per epoch and the ranks agree on the batch count,
+    for row counts that divide neither the world size nor the micro-batch, over two epochs."""
+    for n, micro in ((101, 1), (97, 2), (211, 3)):
+        data = write_dataset(tmp_path / f"d{n}", n, rows_per_group=5)
+        usable = n // (world * micro) * (world * micro)
+        for epoch in range(2):
+            seen, counts = [], set()
+            for rank in range(world):
+                loader = PackedLoader([data], block_size=B, micro_batch_size=micro, rank=rank, world_size=world,
+                                      seed=epoch, num_epochs=epoch + 1, prefetch=2 * rank)  # fmt: skip
+                got = [i for x, _ in loader for i in x[:, 0].tolist()]
+                got = got[len(got) // (epoch + 1) * epoch :]
+                counts.add(len(got))
+                seen += got
+            assert len(seen) == len(set(seen)) == usable, f"n {n}, micro {micro}, epoch {epoch}"
+            assert len(counts) == 1
+
+
+@pytest.mark.parametrize("micro", [1, 2, 3])
+def test_whole_micro_batches_are_dealt_by_global_index(tmp_path, micro, windows):
+    """The rank's k-th batch is global micro-batch rank + world x k: the same rows in the same order as batch
+    number global_batch_index(k) of a single process, so per-micro-batch draws can be seeded by that index."""
+    n = 2 * 3 * 5 * 7 * micro + micro  # one micro-batch more than every world size here can use
+    data = write_dataset(tmp_path / "d", n, rows_per_group=5)
+    single = PackedLoader([data], block_size=B, micro_batch_size=micro, seed=4, prefetch=0)
+    reference = [ids(next(single)) for _ in range(n // micro)]
+    for world in (2, 3, 5, 7):
+        for rank in (0, world - 1):
+            loader = PackedLoader([data], block_size=B, micro_batch_size=micro, rank=rank, world_size=world, seed=4)
+            for k in range(len(loader)):
+                got = ids(next(loader))
+                assert loader.global_batch_index() == loader.global_batch_index(k) == rank + world * k
+                assert got == reference[rank + world * k], f"world {world} rank {rank} batch {k}"
+
+
+def test_version_2_states_still_resume(tmp_path):
+    """A loader state written before micro-batch dealing (version 2) resumes: exactly at micro-batch 1 (the
+    order did not change there), from the same epoch and row counts at larger micro-batches."""
+    data = write_dataset(tmp_path / "d", 120)
+    for micro in (1, 4):
+        kw = dict(block_size=B, micro_batch_size=micro, rank=1, world_size=2, seed=7, prefetch=0)
+        ref = PackedLoader([data], **kw)
+        expected = [ids(next(ref)) for _ in range(20)]
+        state = {**ref.state_dict(), "batches": 5, "positions": [5 * micro], "epochs": [0], "version": 2,
+                 "window": loader_module.WINDOW_TOKENS // (B + 1)}  # fmt: skip
+        resumed = PackedLoader([data], **kw)
+        resumed.load_state_dict(state)
+        assert resumed.step == 5 and resumed.state_dict()["version"] == loader_module.STATE_VERSION
+        assert [ids(next(resumed)) for _ in range(15)] == expected[5:]
+        with pytest.raises(UserError, match="world_size"):
+            PackedLoader([data], **{**kw, "world_size": 4, "rank": 0}).load_state_dict(state)
+
+
+EXIT_SCRIPT = """
+import sys
+from recpre.data.loader import PackedLoader
+loader = PackedLoader([sys.argv[1]], block_size=256, micro_batch_size=1, prefetch=200)
+for _ in range(2):
+    next(loader)
+print("done", flush=True)
+"""
+
+
+def test_an_unclosed_loader_lets_the_process_exit_cleanly(tmp_path):
+    """Issue 19.5: a program that iterates a loader and exits without close() exited with 134 (`terminate
+    called without an active exception`): the prefetch thread was still inside torch/pyarrow at finalization."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    w = PackedWriter(folder, 256, meta={"eos_id": EOS, "pad_id": PAD})
+    w.add_rows(np.random.default_rng(0).integers(3, 4000, size=(8192, 257), dtype=np.int32))
+    w.close()
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(folder)], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+        assert out.returncode == 0 and "done" in out.stdout, out.stderr
+        assert "terminate called" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_uneven_rows_equal_batch_counts(tmp_path, world, windows):
     n = 101  # not divisible: the remainder is skipped so that ranks agree on the batch count
@@ -188,7 +273,7 @@ def test_state_mismatch_is_user_error(tmp_path):
     state = PackedLoader([data], block_size=B, micro_batch_size=4, world_size=2).state_dict()
     with pytest.raises(UserError, match="world_size"):
         PackedLoader([data], block_size=B, micro_batch_size=4, world_size=4).load_state_dict(state)
-    with pytest.raises(UserError, match="format version 1"):
+    with pytest.raises(UserError, match="format version 1 .* reads versions 2, 3"):
         PackedLoader([data], block_size=B, micro_batch_size=4, world_size=2).load_state_dict({**state, "version": 1})
 
 

@@ -1,43 +1,58 @@
 """PackedLoader: packed parquet rows -> (input_ids, labels) batches for one rank, exactly once per epoch.
 
-Order of one epoch of one source: a global row order that does not depend on the world size, dealt out to
-the ranks row by row. The same computation runs on every rank, from `seed` and the epoch:
+Order of one epoch of one source: a global order of micro-batches that does not depend on the world size,
+dealt out to the ranks micro-batch by micro-batch. The same computation runs on every rank, from `seed`, the
+epoch and `micro_batch_size` (mb):
   1. the source's row groups (over all its files) are permuted: a stream of N rows;
-  2. the stream is cut into windows of `window` rows (~64M tokens, from block_size only), each window into
-     `lanes` contiguous lanes (LANES = 128, fewer for small windows so a lane keeps >= MIN_LANE_ROWS rows);
-     position i * lanes + l of a window is the i-th row of lane l in a per-(epoch, window, lane) random order.
-     Consecutive positions thus come from different lanes (different parts of the data), and one residue
-     class of positions modulo a world size that divides `lanes` is a set of whole lanes;
-  3. the first U = N // (world_size * micro_batch_size) * (world_size * micro_batch_size) positions are used;
-     rank r's k-th row is global position r + world_size * k, and its batches are runs of micro_batch_size of
-     its rows.
-So every row is read at most once per epoch, by one rank, and every rank yields exactly U / world_size /
-micro_batch_size batches: ranks never disagree on the batch count (a disagreement would hang DDP). The
-leftover N - U rows (fewer than world_size * micro_batch_size, at the epoch's end) are skipped in that epoch;
-since the row-group order changes each epoch, different rows are skipped each time. With N divisible by
-world_size * micro_batch_size, the union over ranks of an epoch is exactly the dataset.
+  2. the stream is cut into windows of `window` rows (~64M tokens, a multiple of mb), each window into
+     `lanes` contiguous lanes (LANES = 128, fewer for small windows so a lane keeps >= max(MIN_LANE_ROWS, mb)
+     rows). The window's positions form chunks of mb; chunk c belongs to lane c % lanes, and its rows are
+     rows (c // lanes) * mb + j of that lane in a per-(epoch, window, lane) random order. Consecutive chunks
+     thus come from different lanes (different parts of the data), and the chunks of one residue class
+     modulo a world size that divides `lanes` are whole lanes;
+  3. the first U = N // (world_size * mb) * (world_size * mb) positions are used, as G = U / mb global
+     micro-batches: global micro-batch g is the positions [g * mb, (g + 1) * mb), in order. Rank r's k-th
+     micro-batch of the epoch is global micro-batch g = r + world_size * k.
+So every row is read at most once per epoch, by one rank, and every rank yields exactly G / world_size
+batches: ranks never disagree on the batch count (a disagreement would hang DDP). The leftover N - U rows
+(fewer than world_size * mb, at the epoch's end) are skipped in that epoch; since the row-group order changes
+each epoch, different rows are skipped each time. With N divisible by world_size * mb, the union over ranks
+of an epoch is exactly the dataset.
 
-World-size invariance (single source, i.e. no `weights`): when every rank has consumed k rows, the ranks
-together have consumed global positions [0, world_size * k). A training step that takes W rows in all
-(world_batch_size, split into consecutive micro-batches per rank) therefore trains on the same set of rows
-whatever the world size (or micro-batch size); only the skipped tail of each epoch differs.
+Global micro-batch index: `global_batch_index(k)` = rank + world_size * k names the rank's k-th batch of the
+run (k counts from 0 over all epochs, as `step` does) in one run-wide numbering shared by all ranks; it is
+what depth and noise draws should be seeded by. World-size invariance (single source, i.e. no `weights`): at
+a fixed micro_batch_size, a training step that takes A micro-batches per rank takes global micro-batches
+[s * W * A, (s + 1) * W * A), so the step's micro-batches (and the global index of each) are the same row
+sets in the same row order whatever the world size W. This holds within the first epoch, and in every
+epoch when the usable count U is the same for the world sizes compared (N divisible by each W x mb); past an
+epoch whose skipped tail differs, the steps of different world sizes differ.
 Reads: a rank reads, once per window, only the row groups that hold its rows, and holds about
-window / world_size rows. For world sizes dividing LANES it owns whole lanes, so it reads ~1.5x the rows it
-uses (lane edges cut row groups); beyond, about world_size / LANES x that, never more than the row-group size.
+window / world_size rows. For world sizes dividing the lane count it owns whole lanes, so it reads ~1.5x the
+rows it uses (lane edges cut row groups); beyond, about world_size / lanes x that, never more than the
+row-group size.
 
 Several paths without weights are one dataset. With `weights`, each path is a source with its own global
-order and epochs, dealt out as above; every row of a batch picks its source with those probabilities, from a
-generator seeded by (seed, batch index) and identical on all ranks, so ranks stay in lockstep. The draws are
-per rank batch, so a mixture's rows per step depend on the world size (exactly once per epoch still holds).
+order and epochs; a rank's rows of a source are taken in the order above (its k-th row is row k % mb of its
+micro-batch k // mb). Every row of a batch picks its source with those probabilities, from a generator
+seeded by (seed, batch index) and identical on all ranks, so ranks stay in lockstep. The draws are per rank
+batch, so a mixture's rows per step depend on the world size (exactly once per epoch still holds).
 The loader state (batch count, and per source its epoch and rank row count) is the same on every rank:
 saving rank 0's `state_dict()` is enough to resume all ranks. Labels are inputs shifted by one; PAD labels are
--100. A background thread prepares `prefetch` batches ahead.
+-100. A background thread prepares `prefetch` batches ahead; it is stopped at interpreter exit, so a
+program may end without calling `close()`.
+
+State versions: 3 deals micro-batches as above. A version-2 state (rank r's k-th ROW was position
+r + world_size * k) still resumes: its epoch and row counts carry over unchanged. At micro_batch_size 1 the
+two versions give the same order, so such a resume is exact; at a larger micro_batch_size the rest of the
+resumed epoch follows the new dealing, so within that epoch some rows may be seen twice and others not at
+all; every later epoch is exactly once again.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
-import contextlib
 import queue
 import threading
 import weakref
@@ -51,7 +66,8 @@ from recpre.data.documents import document_ids
 from recpre.data.packed import PackedFile, open_packed, parquet_files
 from recpre.errors import UserError
 
-STATE_VERSION = 2  # 2: world-size-independent global order, rows interleaved over ranks
+STATE_VERSION = 3  # 3: global micro-batches dealt to ranks; 2: rows dealt to ranks (still resumable)
+RESUMABLE_VERSIONS = (2, 3)
 WINDOW_TOKENS = 1 << 26  # rows held at world size 1 (256 MB as int32); a rank holds 1 / world_size of it
 LANES = 128  # stripes per window (a power of two): reads stay local for world sizes dividing LANES
 MIN_LANE_ROWS = 64
@@ -98,13 +114,14 @@ class _Source:
 class _Stream:
     """One rank's view of one source's epoch order: its epoch, its row count `pos`, and the current window.
 
-    Rank r's k-th row of an epoch is global position r + world_size * k. For the window holding that position,
-    the rank maps all its positions in the window through the window's lane order to stream positions, reads
-    the row groups they touch once, and gathers a batch's rows from them by a small per-batch take.
+    Rank r's i-th row of an epoch is row i % mb of global micro-batch r + world_size * (i // mb). For the window
+    holding that row's position, the rank maps all its positions in the window through the window's lane order
+    to stream positions, reads the row groups they touch once, and gathers a batch's rows from them by a small
+    per-batch take.
     """
 
     def __init__(self, source: _Source, sid: int, seed: int, rank: int, world_size: int, micro: int, window: int):
-        self.source, self.sid, self.seed, self.rank, self.world = source, sid, seed, rank, world_size
+        self.source, self.sid, self.seed, self.rank, self.world, self.micro = source, sid, seed, rank, world_size, micro
         self.usable = source.num_rows // (world_size * micro) * (world_size * micro)
         self.per_rank = self.usable // world_size
         self.window = window
@@ -123,16 +140,25 @@ class _Stream:
             self._order_epoch = self.epoch
         return self._order_cache
 
+    def _position(self, i: np.ndarray | int) -> np.ndarray | int:
+        """Global position of the rank's i-th row of the epoch."""
+        return (self.rank + self.world * (i // self.micro)) * self.micro + i % self.micro
+
+    def _count_before(self, position: int) -> int:
+        """How many of the rank's rows lie at global positions below `position`."""
+        g, j = divmod(position, self.micro)
+        whole = max(0, -(-(g - self.rank) // self.world))  # the rank's micro-batches among 0 .. g-1
+        return whole * self.micro + (j if g % self.world == self.rank else 0)
+
     def _load_window(self) -> int:
-        r, world = self.rank, self.world
-        w = (r + world * self.pos) // self.window
+        w = self._position(self.pos) // self.window
         if self._key != (self.epoch, w):
             self._rows = self._index = None  # let the old window go before reading the next
             lo = w * self.window
             size = min(self.window, self.source.num_rows - lo)
-            first = -(-(lo - r) // world)  # ceil: the rank's first row count inside the window
-            last = -(-(min(lo + size, self.usable) - r) // world)
-            mine = r + world * np.arange(first, last, dtype=np.int64) - lo
+            first = self._count_before(lo)
+            last = self._count_before(min(lo + size, self.usable))
+            mine = self._position(np.arange(first, last, dtype=np.int64)) - lo
             order, ends = self._order()
             self._rows, self._index = self.source.gather(order, ends, lo + self._striped(mine, size, w))
             self._first = first
@@ -141,21 +167,29 @@ class _Stream:
 
     def _striped(self, q: np.ndarray, size: int, w: int) -> np.ndarray:
         """Window-relative stream rows at window positions q: the window's `size` rows are cut into `lanes`
-        contiguous lanes, and position i * lanes + l is the i-th row (in a per-lane random order) of lane l.
+        contiguous lanes, and chunk c (positions [c * mb, (c + 1) * mb)) takes rows (c // lanes) * mb + j, in a
+        per-lane random order, of lane c % lanes.
 
-        A batch of consecutive positions so draws from different lanes (different row groups), while a rank's
-        positions (one residue modulo world_size) fall in lanes / gcd(lanes, world_size) lanes, which it uses
-        in full when world_size divides lanes: it then reads about 1.5x the rows it needs (lane edges cut row
-        groups). Lanes keep at least MIN_LANE_ROWS rows so that small data is still shuffled row by row.
+        A micro-batch so draws its rows at random from one lane, consecutive micro-batches from different lanes
+        (different row groups), while a rank's micro-batches (one residue modulo world_size) fall in
+        lanes / gcd(lanes, world_size) lanes, which it uses in full when world_size divides lanes: it then reads
+        about 1.5x the rows it needs (lane edges cut row groups). Lanes keep at least max(MIN_LANE_ROWS, mb) rows
+        so that small data is still shuffled row by row. At mb = 1 this is the version-2 order.
         """
-        lanes = 1 << (max(1, min(LANES, size // MIN_LANE_ROWS)).bit_length() - 1)  # a power of two
-        length, extra = divmod(size, lanes)  # lanes < extra hold one row more
-        lane, rounds = q % lanes, q // lanes
+        mb = self.micro
+        lanes = 1 << (max(1, min(LANES, size // max(MIN_LANE_ROWS, mb))).bit_length() - 1)  # a power of two
+        chunks = -(-size // mb)
+        last_lane, short = (chunks - 1) % lanes, chunks * mb - size  # the last chunk may hold fewer rows
+        lane_ids = np.arange(lanes)
+        lane_rows = (chunks - lane_ids + lanes - 1) // lanes * mb - np.where(lane_ids == last_lane, short, 0)
+        lane_start = np.cumsum(lane_rows) - lane_rows
+        chunk, j = q // mb, q % mb
+        lane, local = chunk % lanes, chunk // lanes * mb + j
         out = np.empty_like(q)
         for ln in np.unique(lane):
             sel = lane == ln
-            perm = _rng(self.seed, 1, self.sid, self.epoch, w, ln).permutation(length + (ln < extra))
-            out[sel] = ln * length + min(ln, extra) + perm[rounds[sel]]
+            perm = _rng(self.seed, 1, self.sid, self.epoch, w, ln).permutation(int(lane_rows[ln]))
+            out[sel] = lane_start[ln] + perm[local[sel]]
         return out
 
     def take(self, n: int) -> np.ndarray:
@@ -235,7 +269,8 @@ class PackedLoader:
         self.vocab_size: int | None = max(vocab) if vocab else None
         self.num_rows = sum(s.num_rows for s in self.sources)
 
-        self.window = max(1, WINDOW_TOKENS // (block_size + 1))  # rows; independent of world and batch size
+        # rows, a whole number of micro-batches; independent of the world size
+        self.window = max(1, WINDOW_TOKENS // (block_size + 1) // micro_batch_size) * micro_batch_size
         self._mask_id = self.pad_id if self.pad_id is not None and self.pad_id != self.eos_id else None
         self._streams = [
             _Stream(s, i, seed, rank, world_size, micro_batch_size, self.window) for i, s in enumerate(self.sources)
@@ -281,13 +316,17 @@ class PackedLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at `state`; a version-2 state resumes too (see the module docstring for what changes)."""
         mine = self._fingerprint()
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in RESUMABLE_VERSIONS:
             raise UserError(
-                f"loader state has format version {state.get('version')!r} but this loader uses {STATE_VERSION}: "
-                "the data order changed between versions, so this data position cannot be resumed exactly; resume "
-                "with the recpre version that saved it, or start a new run with run.init_from=<checkpoint>"
+                f"loader state has format version {state.get('version')!r} but this loader reads versions "
+                f"{', '.join(map(str, RESUMABLE_VERSIONS))}: the data order changed between versions, so this data "
+                "position cannot be resumed; resume with the recpre version that saved it, or start a new run with "
+                "run.init_from=<checkpoint>"
             )
+        if state["version"] != STATE_VERSION:  # an older dealing: its window had no micro-batch alignment
+            mine = {k: v for k, v in mine.items() if k not in ("version", "window")}
         for key, value in mine.items():
             if state.get(key) != value:
                 raise UserError(
@@ -317,6 +356,17 @@ class PackedLoader:
     def step(self) -> int:
         """Batches consumed so far."""
         return self._state["batches"]
+
+    def global_batch_index(self, k: int | None = None) -> int:
+        """Run-wide index, shared by all ranks, of this rank's k-th batch (default: the last one returned).
+
+        rank + world_size * k: the global micro-batch of the module docstring. For one source at a fixed
+        micro_batch_size it names the same rows whatever the world size; seed per-micro-batch draws with it.
+        """
+        k = self.step - 1 if k is None else k
+        if k < 0:
+            raise ValueError("no batch has been taken yet; pass k")
+        return self.rank + self.world_size * k
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
@@ -385,7 +435,7 @@ class PackedLoader:
                 return
             items: list = []
             try:
-                while len(items) < group:
+                while len(items) < group and not stop.is_set():
                     items.append(loader._next_item())
                     if items[-1] is _END:
                         break
@@ -398,7 +448,7 @@ class PackedLoader:
                     break
                 except queue.Full:
                     continue
-            if items[-1] is _END or isinstance(items[-1], BaseException):
+            if not items or items[-1] is _END or isinstance(items[-1], BaseException):
                 return
 
     def _shutdown(self) -> None:
@@ -432,6 +482,7 @@ class PackedLoader:
             daemon=True,
         )
         self._thread.start()
+        _RUNNING.add(self)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._done:
@@ -456,8 +507,22 @@ class PackedLoader:
         return batch
 
     def __del__(self):
-        with contextlib.suppress(Exception):  # interpreter shutdown
+        try:  # noqa: SIM105 - at interpreter shutdown, module globals such as contextlib may already be None
             self._shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+_RUNNING: weakref.WeakSet[PackedLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_readers() -> None:
+    """Join every prefetch thread before the interpreter finalizes: a daemon thread still inside torch or
+    pyarrow code when their thread pools are torn down aborts the process (`terminate called without an
+    active exception`, exit code 134)."""
+    for loader in list(_RUNNING):
+        loader.close()
 
 
 def _agreed(metas: list[dict], key: str, paths: list[str]) -> int | None:

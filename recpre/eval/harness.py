@@ -1,6 +1,9 @@
 """The lm-eval model class for recpre checkpoints, registered as "recpre".
 
-    lm_eval --model recpre --model_args checkpoint=runs/debug,num_steps=8 --tasks ...
+    recpre-lm-eval --model recpre --model_args checkpoint=runs/debug,num_steps=8 --tasks ...
+
+(`recpre-lm-eval` is lm-eval's CLI with this module imported; see recpre/cli/lm_eval_command.py for why plain
+`lm_eval --model recpre` cannot find it.)
 
 Scoring follows lm-eval's Hugging Face model: a (context, continuation) pair is encoded as one string and split at
 the context's token boundary (so a word that merges across the boundary is tokenized as in running text), inputs
@@ -45,7 +48,7 @@ class RecpreLM(TemplateLM):
         checkpoint: str | None = None,
         num_steps: int | str | None = None,
         batch_size: int | str = 8,
-        device: str = "cpu",
+        device: str | None = "auto",
         state_init: str | None = "zero",
         max_gen_toks: int = 256,
         *,
@@ -66,8 +69,10 @@ class RecpreLM(TemplateLM):
             tokenizer = load_tokenizer(tokenizer_dir)
         if tokenizer is None:
             raise ValueError("RecpreLM(model=...) needs its tokenizer too")
-        self.model = model.to(device).eval()
-        self._device = torch.device(device)
+        from recpre.fabric import resolve_device
+
+        self._device = resolve_device(str(device or "auto"))  # lm-eval passes its --device here
+        self.model = model.to(self._device).eval()
         self.tokenizer = tokenizer
         self.num_steps = _parse_steps(num_steps)
         if state_init and model.config.is_recurrent and state_init != model.config.state_init:
@@ -98,6 +103,12 @@ class RecpreLM(TemplateLM):
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """recpre's pretraining tokenizers carry no chat template (--apply_chat_template): the messages'
+        contents are joined as plain paragraphs, with an empty paragraph opening the reply."""
+        text = "\n\n".join(message["content"] for message in chat_history)
+        return text + "\n\n" if add_generation_prompt else text
 
     # ---- scoring ------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -110,16 +110,21 @@ def evaluate_model(
     build: TaskBuild | None = None,
     state_init: str | None = "zero",
     quiet: bool = True,
+    include_path: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run lm-eval tasks on a model at each depth; returns {"results": {depth: {task: {metric: value}}}, ...}."""
+    """Run lm-eval tasks on a model at each depth; returns {"results": {depth: {task: {metric: value}}}, ...}.
+
+    include_path: folders of task YAMLs (lm-eval's --include_path); tasks found there need no network."""
     bundled, hub = parse_tasks(tasks)
     depths = depths or [None]
     if not model.config.is_recurrent:
         depths = [None]  # a GPT has one depth
+    include = [str(p) for p in include_path or []]
+    hub = [t for t in hub if t not in _local_tasks(include)]
+    local = [t for t in parse_tasks(tasks)[1] if t not in hub]
     online = bool(hub) and hub_reachable()
     if not online:
         set_offline()
-    include = []
     if bundled:
         from recpre.eval.tasks import build_bundled_tasks
 
@@ -138,7 +143,7 @@ def evaluate_model(
     unknown = [t for t in hub if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"--tasks: unknown task(s) {', '.join(unknown)}; use bundled or lm-eval task names")
-    names = bundled + hub
+    names = bundled + local + hub
     results: dict[str, Any] = {}
     for depth in depths:
         lm = RecpreLM(model=model, tokenizer=tokenizer, num_steps=depth, batch_size=batch_size, state_init=state_init)
@@ -176,6 +181,18 @@ def evaluate_model(
     }
 
 
+def _local_tasks(include: list[str]) -> set[str]:
+    """Task names defined by the YAMLs under these folders (no lm-eval defaults, no network)."""
+    if not include:
+        return set()
+    for folder in include:
+        if not Path(folder).is_dir():
+            raise UserError(f"--include-path {folder} is not a folder of task YAML files")
+    from lm_eval.tasks import TaskManager
+
+    return set(TaskManager(include_path=include, include_defaults=False).all_tasks)
+
+
 def _default_depth(model) -> int:
     return model.config.mean_recurrence if model.config.is_recurrent else 0
 
@@ -191,6 +208,7 @@ def evaluate_checkpoint(
     task_cache: str | Path | None = None,
     build: TaskBuild | None = None,
     state_init: str | None = "zero",
+    include_path: list[str] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint (folder, run folder or `latest`) and evaluate it (see evaluate_model)."""
     from recpre.checkpoint import load_model, resolve_checkpoint
@@ -212,6 +230,7 @@ def evaluate_checkpoint(
         task_cache=task_cache,
         build=build,
         state_init=state_init,
+        include_path=include_path,
     )
     return {"checkpoint": str(folder), **out}
 

@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from recpre.errors import UserError
+from recpre.errors import UserError, run_command
 from recpre.launch.eval_array import EvalJob, check_checkpoints, render_eval_script
 from recpre.launch.executor import JobFailed, submit_scripts, write_script
 from recpre.launch.profile import ClusterProfile, available_profiles, check_time, load_profile
@@ -117,6 +117,7 @@ def run_train(args: argparse.Namespace, profile: ClusterProfile, cwd: Path) -> i
         profile, [(path, {})], log_dir=job.log_dir, time_limit=job.time, name=job.name, dependency=dependency
     )
     print(f"submitted job {sub.job_id}: {path}")
+    print(f"job log: {sub.log or job.log_dir / f'{job.name}-{sub.job_id}.out'}")
     print(f"run folder: {job.out_dir}")
     if profile.executor == "local" and not args.no_wait:
         sub.wait()
@@ -158,6 +159,11 @@ def run_eval(args: argparse.Namespace, profile: ClusterProfile, cwd: Path) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`recpre-submit` / `launchers/submit.py`: exit code 2 with one line for bad input, 1 for a failed job."""
+    return run_command(lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cwd = Path.cwd()
     profile = load_profile(args.cluster)

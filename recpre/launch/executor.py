@@ -33,6 +33,7 @@ class Submitted:
     job_id: str
     script: Path
     handle: object | None = None
+    log: Path | None = None  # where the job's output goes (local: submitit's log; SLURM: the sbatch --output)
 
     def wait(self) -> None:
         """Block until a local job ends; raise with its log tail if it failed (SLURM jobs: no-op)."""
@@ -118,5 +119,5 @@ def submit_scripts(
     executor = build_local_executor(log_dir / "submitit", time_limit, name)
     for script, env in scripts:
         job = executor.submit(run_script, str(script), env)
-        out.append(Submitted(str(job.job_id), script, job))
+        out.append(Submitted(str(job.job_id), script, job, Path(job.paths.stdout)))
     return out

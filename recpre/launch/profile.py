@@ -55,7 +55,7 @@ class ClusterProfile:
     srun_args: list[str] = field(default_factory=list)
     nodes: int = 1
     time: str = "01:00:00"
-    python: str = "python"
+    python: str | None = None  # None: the submitting interpreter (local), `python` from PATH (SLURM)
     signal_before_end_s: int = 120
     master_port: int = 29500
     precompile: Precompile = field(default_factory=Precompile)
@@ -179,8 +179,8 @@ def parse_profile(raw: Any, path: Path) -> ClusterProfile:
         raise _bad(path, "launch", f"must be one of {', '.join(LAUNCH_STYLES)}, got {raw['launch']!r}")
     if not isinstance(raw["description"], str) or not raw["description"].strip():
         raise _bad(path, "description", "must be a non-empty string")
-    python = raw.get("python", "python")
-    if not isinstance(python, str) or not python.strip():
+    python = raw.get("python")
+    if python is not None and (not isinstance(python, str) or not python.strip()):
         raise _bad(path, "python", "must be a command name or path")
     return ClusterProfile(
         name=path.stem,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -107,9 +108,18 @@ def _srun(profile: ClusterProfile, tasks_per_node: int) -> list[str]:
     return [q(a) for a in argv + profile.srun_args]
 
 
+def job_python(profile: ClusterProfile) -> str:
+    """The interpreter a job runs: the profile's `python`, else on this machine (local) the interpreter that
+    submitted it (a bare `python` may be missing or another environment), else `python` from the PATH that
+    the profile's setup lines prepare on the compute nodes."""
+    if profile.python:
+        return profile.python
+    return sys.executable if profile.executor == "local" else "python"
+
+
 def launch_line(profile: ClusterProfile, script_args: Sequence[str], *, wrapper: Sequence[str] = ()) -> str:
     """The command that starts `train.py` (or another script) on every node in the profile's style."""
-    py = q(profile.python)
+    py = q(job_python(profile))
     args = " ".join(q(a) for a in script_args)
     wrap = " ".join(q(a) for a in wrapper)
     if profile.executor == "local":

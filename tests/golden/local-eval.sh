@@ -18,4 +18,4 @@ CHECKPOINT="${CHECKPOINTS[${SLURM_ARRAY_TASK_ID:-0}]}"
 echo "evaluating $CHECKPOINT"
 
 # launch
-python -u evaluate/run.py --checkpoint "$CHECKPOINT" --tasks hellaswag,arc_easy
+<sys.executable> -u evaluate/run.py --checkpoint "$CHECKPOINT" --tasks hellaswag,arc_easy

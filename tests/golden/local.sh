@@ -10,4 +10,4 @@ export OMP_NUM_THREADS=2
 export PYTHONUNBUFFERED=1
 
 # launch
-python -u train.py --config /opt/recpre/launch_configs/nebel-raven-3.5b-frontier.yaml optim.lr=4e-4 'run.name=nebel raven' 'run.out_dir=/scratch/runs/nebel raven'
+<sys.executable> -u train.py --config /opt/recpre/launch_configs/nebel-raven-3.5b-frontier.yaml optim.lr=4e-4 'run.name=nebel raven' 'run.out_dir=/scratch/runs/nebel raven'
