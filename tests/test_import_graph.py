@@ -53,9 +53,21 @@ def test_the_import_graph_has_no_cycles():
 def test_low_level_modules_do_not_import_upward():
     graph = import_graph()
     upward = {
-        "recpre.checkpoint": ("recpre.interop", "recpre.eval", "recpre.weights", "recpre.train_step", "recpre.train_state"),
+        "recpre.checkpoint": (
+            "recpre.interop",
+            "recpre.eval",
+            "recpre.weights",
+            "recpre.train_step",
+            "recpre.train_state",
+        ),
         "recpre.config": ("recpre.settings", "recpre.model", "recpre.fabric"),
-        "recpre.model": ("recpre.fabric", "recpre.settings", "recpre.checkpoint", "recpre.train_step", "recpre.train_state"),
+        "recpre.model": (
+            "recpre.fabric",
+            "recpre.settings",
+            "recpre.checkpoint",
+            "recpre.train_step",
+            "recpre.train_state",
+        ),
         "recpre.fabric": ("recpre.model", "recpre.checkpoint", "recpre.train_step", "recpre.train_state"),
     }
     for module, banned in upward.items():

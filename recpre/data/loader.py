@@ -65,13 +65,13 @@ import torch
 from recpre.data.documents import document_ids
 from recpre.data.packed import PackedFile, open_packed, parquet_files
 from recpre.errors import UserError
+from recpre.ops import IGNORE_INDEX
 
 STATE_VERSION = 3  # 3: global micro-batches dealt to ranks; 2: rows dealt to ranks (still resumable)
 RESUMABLE_VERSIONS = (2, 3)
 WINDOW_TOKENS = 1 << 26  # rows held at world size 1 (256 MB as int32); a rank holds 1 / world_size of it
 LANES = 128  # stripes per window (a power of two): reads stay local for world sizes dividing LANES
 MIN_LANE_ROWS = 64
-IGNORE_INDEX = -100
 MIX_BLOCK = 256  # mixture draws are made for this many batches at once
 _END = object()
 
