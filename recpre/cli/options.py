@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from recpre.errors import UserError
+from recpre.eval.sweep import parse_depths
 
 
 def add_checkpoint(parser: argparse.ArgumentParser) -> None:
@@ -21,17 +21,7 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 
 def num_steps(text: str) -> list[int]:
     """One depth or several, comma-separated ("8" or "1,4,8"), each a positive integer, duplicates dropped."""
-    depths: list[int] = []
-    for item in str(text).split(","):
-        try:
-            depth = int(item.strip())
-        except ValueError:
-            raise UserError(f"--num-steps {text!r}: use positive integers such as 8 or 1,4,8") from None
-        if depth < 1:
-            raise UserError(f"--num-steps {text!r}: depths must be positive integers")
-        if depth not in depths:
-            depths.append(depth)
-    return depths
+    return [d for d in parse_depths(text) if d is not None]
 
 
 def add_num_steps(parser: argparse.ArgumentParser, what: str) -> None:
