@@ -29,6 +29,8 @@ def run(out: Path, corpus, nproc: int, *extra: str) -> tuple[list[float], list[d
         out,
         corpus,
         "train.max_steps=3",
+        "schedule.warmup_steps=1",
+        "schedule.cooldown_steps=1",
         "train.micro_batch_size=2",
         "train.world_batch_size=8",  # 4 micro-batches: 1 x 4, 2 x 2, 4 x 1
         "eval.interval=3",
