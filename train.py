@@ -40,9 +40,10 @@ from recpre.checkpoint import (
 from recpre.errors import UserError, run_cli
 from recpre.fabric import FabricError, SimpleFabric
 from recpre.flops import device_peak, mfu, training_flops_per_token
+from recpre.memory import memory_line
 from recpre.model import build_model, compile_blocks, sample_depth
 from recpre.monitor import Monitor, Throughput
-from recpre.optim import build_optimizer, load_optimizer_state
+from recpre.optim import build_optimizer
 from recpre.preemption import StopRequest, stop_code
 from recpre.schedules import BatchPlan, learning_rate
 from recpre.settings import load_settings, model_config, save_settings, settings_to_yaml, validate_for_world
@@ -196,7 +197,7 @@ def restore(ckpt: Path, settings: Any, fabric: SimpleFabric, model, optimizer, p
         empty = build_model(fabric.unwrap(model).config, device="meta")
         xla_helpers.load_through_cpu(model, empty, lambda m: load_weights(m, ckpt / MODEL_FILE))
     else:
-        load_weights(model, ckpt / MODEL_FILE)  # verified by rank 0 in agree_on_checkpoint
+        fabric.load_weights(model, ckpt / MODEL_FILE)  # verified by rank 0 in agree_on_checkpoint
     if "optimizer" not in state:  # imported weights (evaluate/import_huginn.py): training starts at step 0
         fabric.print(f"starting from the weights of {ckpt} (no optimizer state: an imported checkpoint)")
         return
@@ -211,7 +212,7 @@ def restore(ckpt: Path, settings: Any, fabric: SimpleFabric, model, optimizer, p
             f"checkpoint {ckpt} holds optimizer state for {saved} but this run uses {current}; resume with the "
             f"same optim.name and optim.no_decay, or start a new run with run.init_from={ckpt}"
         )
-    load_optimizer_state(optimizer, state["optimizer"], source=str(ckpt))
+    fabric.load_full_state_dict(model, optimizer, {"optimizer": state["optimizer"]}, source=str(ckpt))
     progress.update(state["progress"])
     guard.load_state_dict(state["guard"])
     if state["rank"] is not None:
@@ -282,12 +283,12 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, compile_sweep:
 
     # Model and optimizer: weights are identical on every rank (same seed; the fabric also broadcasts).
     fabric.seed_everything(seed)
-    model = build_model(config, device="cpu")
+    model = build_model(config, device="meta" if fabric.builds_on_meta else "cpu")
     ckpt = agree_on_checkpoint(settings, run_dir, config, fabric)
+    model = fabric.setup_model(model)  # sharded strategies materialise and initialise a meta model here
     if ckpt is None and settings.run.init_from:
-        load_weights(model, settings.run.init_from, config=config.to_dict())
-    model = fabric.setup_model(model)
-    optimizer = build_optimizer(fabric.unwrap(model), settings.optim)
+        fabric.load_weights(model, settings.run.init_from, config=config.to_dict())
+    optimizer = fabric.setup_optimizer(build_optimizer(fabric.unwrap(model), settings.optim))
     plan = BatchPlan(
         tr.world_batch_size,
         tr.micro_batch_size,
@@ -346,14 +347,15 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, compile_sweep:
         if compile_sweep:  # -- xla: a compile sweep's weights are garbage under neuron_parallel_compile
             return None
         progress.update(step=step, tokens=tokens)
+        full = None if on_xla else fabric.full_state_dict(model, optimizer)  # gathered on rank 0 when sharded
         path = save_checkpoint(
             ckpt_root,
             step,
-            model=xla_helpers.cpu_module(model, build_model(config, device="meta")) if on_xla else model,
+            model=xla_helpers.cpu_module(model, build_model(config, device="meta")) if on_xla else full["model"],
             model_config=config.to_dict(),
             settings_yaml=settings_yaml,
             state={
-                "optimizer": xla_helpers.to_cpu(optimizer.state_dict()),
+                "optimizer": xla_helpers.to_cpu(optimizer.state_dict()) if on_xla else full["optimizer"],
                 "optim": optimizer_identity(settings),
                 "progress": dict(progress),
                 "guard": guard.state_dict(),
@@ -391,6 +393,7 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, compile_sweep:
     model.train()
     stopped = None
     save_due = False
+    memory = None
     while step < total_steps:
         accum = plan.accumulation_steps_within(step, tr.max_tokens, tokens)
         if accum == 0:
@@ -446,13 +449,17 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, compile_sweep:
             if not math.isfinite(grad_norm):
                 xla_helpers.rewind_step_counters(optimizer, fabric.device)
         else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = fabric.clip_grad_norm(model, params, clip)
             loss = float(fabric.all_reduce(loss_sum, op="mean"))
 
         # Skip a step whose gradients are not finite; abort after too many in a row.
         if math.isfinite(grad_norm):
             if not on_xla:
-                optimizer.step()
+                fabric.optimizer_step(optimizer)
+                if memory is None:  # the memory event: what this rank holds once the optimizer state exists
+                    memory = fabric.memory_report(model, optimizer)
+                    monitor.event(memory.pop("event"), step=step + 1, **memory)
+                    monitor.print(memory_line(memory))
             progress["nonfinite_in_a_row"] = 0
         else:
             progress["skipped_steps"] += 1

@@ -291,7 +291,7 @@ def save_checkpoint(
     root: Path,
     step: int,
     *,
-    model: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
     model_config: dict[str, Any],
     settings_yaml: str,
     state: dict[str, Any],
@@ -301,6 +301,7 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically under `root` (RUN/checkpoints) and point `latest` at it.
 
+    `model` is the module or its full weights (name -> tensor, read on rank 0 only).
     `state` is shared by all ranks (written by rank 0); `rank_state` is this rank's own (loader, RNG).
     Every rank must call this; on a shared filesystem each rank writes its own rank file. A failed write (disk
     full) removes the partial temp folder and raises CheckpointSaveError; `latest` keeps naming the previous one.
@@ -334,7 +335,7 @@ def _save_checkpoint(
     fabric: Any,
     keep: int,
 ) -> Path:
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     rank = fabric.rank if fabric is not None else 0
     world = fabric.world_size if fabric is not None else 1
@@ -350,8 +351,10 @@ def _save_checkpoint(
         fabric.barrier()
     if rank != 0:
         torch.save(rank_state, tmp / rank_file(rank))
-    else:
+    elif isinstance(model, nn.Module):
         save_model(unwrap_model(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+    else:  # full weights gathered from a sharded model (SimpleFabric.full_state_dict): tied tensors appear once
+        save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / MODEL_FILE), metadata={"step": str(step)})
         torch.save(
             {"format": FORMAT_VERSION, "step": step, "world_size": world, **state, "rank": rank_state}, tmp / STATE_FILE
         )
@@ -457,6 +460,53 @@ def check_same_shape(folder: Path, current: dict[str, Any]) -> None:
             f"checkpoint {folder} holds a different model shape ({'; '.join(diffs)}); "
             "use model.name/model.overrides that match it, or a new run.name / run.resume=never"
         )
+
+
+class _LazyWeights:
+    """A safetensors file as a read-only mapping that reads one tensor per lookup (no full copy in memory)."""
+
+    def __init__(self, file: Path) -> None:
+        from safetensors import safe_open
+
+        self._file = safe_open(str(file), framework="pt", device="cpu")
+
+    def keys(self) -> list[str]:
+        return list(self._file.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(name)
+
+
+def open_weights(source: str | Path, *, config: dict[str, Any] | None = None) -> tuple[Path, Any]:
+    """(file or folder, mapping name -> full tensor) for load_weights' sources, for models that take their weights
+    one tensor at a time (sharded): safetensors are read lazily; a Huginn folder is converted in memory."""
+    from safetensors import SafetensorError
+
+    source = Path(source)
+    if source.is_dir() and (source / "config.json").is_file() and not (source / MANIFEST_FILE).exists():
+        from recpre.interop.huginn import from_huginn
+
+        imported = from_huginn(source)
+        diffs = shape_differences(imported.config.to_dict(), config) if config is not None else []
+        if diffs:
+            raise UserError(
+                f"Huginn checkpoint {source} holds a different model shape ({'; '.join(diffs)}); "
+                "use model.name/model.overrides that match it"
+            )
+        return source, imported.state_dict()
+    if source.is_file() and source.suffix == ".safetensors":
+        file = source
+    else:
+        folder = resolve_checkpoint(source)
+        if config is not None:
+            check_same_shape(folder, config)
+        file = folder / MODEL_FILE
+    try:
+        return file, _LazyWeights(file)
+    except SafetensorError as err:
+        raise UserError(
+            f"{file} is not a valid safetensors file ({err}); delete that checkpoint or load another"
+        ) from None
 
 
 def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any] | None = None) -> Path:
