@@ -91,7 +91,8 @@ def big_on_meta() -> dict:
     from torch.distributed.tensor import DTensor
 
     params = list(model.parameters())
-    rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) * 1024
+    status = Path("/proc/self/status").read_text().splitlines()
+    rss = int(next(line for line in status if line.startswith("VmHWM")).split()[1]) * 1024
     return {
         "n_params": sum(p.numel() for p in params),
         "all_dtensor_on_meta": all(isinstance(p, DTensor) and p.is_meta for p in params),

@@ -97,6 +97,7 @@ def result(out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
         "losses": [r["loss"] for r in rows if "loss" in r],
+        "grad_norms": [r["grad_norm"] for r in rows if "grad_norm" in r],
         "val": [r["val_loss"] for r in rows if "val_loss" in r],
         "memory": [r for r in rows if r.get("event") == "memory"],
         "weights": load_file(out / "checkpoints" / "step-00000004" / "model.safetensors"),
@@ -124,6 +125,7 @@ def assert_same_training(got: dict, ref: dict) -> None:
     assert len(got["losses"]) == 4 and len(got["val"]) == 2
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     assert got["val"] == pytest.approx(ref["val"], rel=1e-5)
+    assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4)  # Adam would hide a scaled gradient
     assert got["weights"].keys() == ref["weights"].keys()
     # The tolerance of tests/test_fabric_train.py: Adam amplifies summation-order rounding of nearly cancelling
     # gradients; a wrong gradient or a lost update moves weights by ~lr (3e-3) per step.
