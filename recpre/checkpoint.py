@@ -351,10 +351,12 @@ def _save_checkpoint(
         fabric.barrier()
     if rank != 0:
         torch.save(rank_state, tmp / rank_file(rank))
-    elif isinstance(model, nn.Module):
-        save_model(unwrap_model(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
-    else:  # full weights gathered from a sharded model (SimpleFabric.full_state_dict): tied tensors appear once
-        save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+    else:
+        if isinstance(model, nn.Module):
+            save_model(unwrap_model(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        else:  # full weights (SimpleFabric.full_state_dict): a module's state_dict holds tied tensors once
+            weights = {k: v.contiguous() for k, v in model.items()}
+            save_file(weights, str(tmp / MODEL_FILE), metadata={"step": str(step)})
         torch.save(
             {"format": FORMAT_VERSION, "step": step, "world_size": world, **state, "rank": rank_state}, tmp / STATE_FILE
         )
