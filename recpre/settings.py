@@ -593,12 +593,7 @@ def _validate(s: Settings, where: _Origins) -> None:
         f"must be >= 0 (0 = one micro-batch per rank), got {sc.ramp_start_batch_size}",
     )
 
-    f = s.fabric
-    _require(f.chunk_mb > 0, "fabric.chunk_mb", where, f"must be > 0, got {f.chunk_mb}")
-    _require(f.timeout_s >= 1, "fabric.timeout_s", where, f"must be >= 1, got {f.timeout_s}")
-    if f.strategy == "xla":
-        _require(f.device == "auto", "fabric.device", where, "must be 'auto' with fabric.strategy xla")
-    _check_sharding(s, where)
+    _check_fabric(s, where)
 
     _require(s.log.interval >= 1, "log.interval", where, f"must be >= 1, got {s.log.interval}")
     e = s.eval
@@ -617,9 +612,13 @@ def _validate(s: Settings, where: _Origins) -> None:
     _require(c.save_before_end_min >= 0, "checkpoint.save_before_end_min", where, "must be >= 0 (0 = off)")
 
 
-def _check_sharding(s: Settings, where: _Origins) -> None:
-    """Sharding options that cannot work together are refused here, before the run folder exists."""
+def _check_fabric(s: Settings, where: _Origins) -> None:
+    """Fabric options, and sharding options that cannot work together, refused before the run folder exists."""
     f, sharded = s.fabric, s.fabric.strategy in ("fsdp", "hsdp")
+    _require(f.chunk_mb > 0, "fabric.chunk_mb", where, f"must be > 0, got {f.chunk_mb}")
+    _require(f.timeout_s >= 1, "fabric.timeout_s", where, f"must be >= 1, got {f.timeout_s}")
+    if f.strategy == "xla":
+        _require(f.device == "auto", "fabric.device", where, "must be 'auto' with fabric.strategy xla")
     _one_of(f.shard_group, SHARD_GROUPS, "fabric.shard_group", where)
     need = "needs fabric.strategy simple-ddp (fsdp and hsdp shard the optimizer state already)"
     _require(not f.optimizer_sharding or f.strategy == "simple-ddp", "fabric.optimizer_sharding", where, need)

@@ -182,3 +182,20 @@ def test_resumed_sharded_run_equals_the_uninterrupted_one(runs, tiny_corpus, tmp
     assert resumed["losses"][-2:] == pytest.approx(whole["losses"][-2:], rel=1e-6)
     for name, w in resumed["weights"].items():
         torch.testing.assert_close(w, whole["weights"][name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp-2", "zero-2"])
+def test_skipped_nonfinite_step_and_activation_checkpointing_match_one_process(tiny_corpus, tmp_path, strategy):
+    """Gradients poisoned at step 2 (RECPRE_DEBUG_NAN_STEPS): every rank sees the same non-finite norm and skips
+    the step, as one process does; recomputing the core in backward changes nothing either."""
+    args = [*common_args(tiny_corpus), *MODELS["recurrent"], "model.activation_checkpointing=true"]
+    os.environ["RECPRE_DEBUG_NAN_STEPS"] = "2"
+    try:
+        ref = run(tmp_path / "one", 1, [*args, "fabric.strategy=single"])
+        nproc, extra = STRATEGIES[strategy][:2]
+        got = run(tmp_path / "sharded", nproc, [*args, *extra])
+    finally:
+        del os.environ["RECPRE_DEBUG_NAN_STEPS"]
+    assert not math.isfinite(got["grad_norms"][1]) and not math.isfinite(ref["grad_norms"][1])
+    got["grad_norms"][1] = ref["grad_norms"][1] = 0.0
+    assert_same_training(got, ref)
