@@ -110,7 +110,7 @@ class SimpleFabric:
         else:
             world = str(getattr(fabric_settings, "shard_group", "node")) == "world"
             self.shard_size = self.world_size if world else node
-        if self.world_size % self.shard_size:
+        if self.world_size % self.shard_size and (self.strategy == "hsdp" or self.optimizer_sharding):
             raise UserError(
                 f"shard groups of {self.shard_size} ranks do not divide the {self.world_size} ranks; set "
                 "fabric.shard_size (hsdp) or fabric.shard_group=world to a size that divides the world."
