@@ -34,6 +34,7 @@ from recpre.errors import UserError, run_cli
 from recpre.fabric import FabricError, SimpleFabric
 from recpre.flops import device_peak, mfu
 from recpre.guardrails import LossSpikeGuard, TrainingAborted, debug_nan_steps
+from recpre.memory import memory_line
 from recpre.model import build_model, compile_blocks
 from recpre.monitor import Monitor, Throughput, require_logging_extras
 from recpre.optim import build_optimizer
@@ -50,7 +51,7 @@ from recpre.settings import (
     validate_for_world,
 )
 from recpre.step_backends import step_backend
-from recpre.train_state import OptimizerIdentity, OptimizerState, RngState, RunState, TrainState
+from recpre.train_state import OptimizerIdentity, RngState, RunState, TrainState
 from recpre.train_step import Trainer, train_step
 from recpre.validation import eval_depths, validate
 from recpre.weights import load_initial_weights
@@ -310,19 +311,21 @@ def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | Non
     loader, val_batches, inputs = data_stream(settings, config, fabric, data)
 
     fabric.seed_everything(seed)  # weights are identical on every rank (the fabric also broadcasts them)
-    model = build_model(config, device="cpu")
+    model = build_model(config, device="meta" if fabric.builds_on_meta else "cpu")
     ckpt = agree_on_checkpoint(settings, run_dir, config, fabric)
-    if ckpt is None and settings.run.init_from:
-        load_initial_weights(model, settings.run.init_from, config=config.to_dict())
-    model = fabric.setup_model(model)
-    optimizer = build_optimizer(fabric.unwrap(model), settings.optim)
+    init_from = settings.run.init_from if ckpt is None else None
+    if init_from and not fabric.builds_on_meta:
+        load_initial_weights(model, init_from, config=config.to_dict())
+    model = fabric.setup_model(model)  # sharded strategies materialise and initialise a meta model here
+    if init_from and fabric.builds_on_meta:
+        load_initial_weights(model, init_from, config=config.to_dict(), fabric=fabric)  # shard by shard
+    optimizer = fabric.setup_optimizer(build_optimizer(fabric.unwrap(model), settings.optim))
     backend = step_backend(fabric.strategy, config, sweep_depths=sweep_depths)
     tr = settings.train
     state = TrainState(guard=LossSpikeGuard(tr.loss_spike_factor, tr.loss_spike_patience))
     parts = RunState(
-        fabric, backend, model, config.to_dict(), settings_to_yaml(settings), run_dir / CHECKPOINTS_DIR,
-        settings.checkpoint.keep,
-        shared={"optim": OptimizerIdentity(settings.optim), "optimizer": OptimizerState(optimizer), "progress": state},
+        fabric, backend, model, optimizer, config.to_dict(), settings_to_yaml(settings), run_dir / CHECKPOINTS_DIR,
+        settings.checkpoint.keep, shared={"optim": OptimizerIdentity(settings.optim), "progress": state},
         per_rank={"loader": loader, "rng": RngState(fabric.device)},
     )  # fmt: skip
     fabric.seed_everything(seed, per_rank=True)
@@ -407,7 +410,10 @@ def log_step(run: Run, metrics: dict[str, Any], lr: float, throughput: Throughpu
     flops_per_s = metrics["flops"] / seconds if seconds > 0 else 0.0
     row = {"step": step, "tokens": run.state.tokens, "loss": metrics["loss"], "lr": lr}
     row.update(grad_norm=metrics["grad_norm"], tokens_per_s=tokens_per_s, flops_per_s=flops_per_s)
-    skip = ("loss", "grad_norm", "flops", "step_tokens")
+    if metrics["memory"] is not None:  # what this rank holds, once, after the first optimizer step
+        run.monitor.event("memory", step=step, **{k: v for k, v in metrics["memory"].items() if k != "event"})
+        run.monitor.print(memory_line(metrics["memory"]))
+    skip = ("loss", "grad_norm", "flops", "step_tokens", "memory")
     row.update({k: v for k, v in metrics.items() if k not in skip and v is not None})  # depth: recurrent only
     mfu_datasheet, mfu_measured = mfu(flops_per_s, device_peak(run.fabric.device)[1], run.fabric.world_size)
     if mfu_datasheet is not None:

@@ -13,7 +13,7 @@ The model (simple-ddp, data parallel, gradients reduced once per optimizer step,
       bandwidth = 2 (g-1)/g x B / intra_bw  +  2 (n-1)/n x B / inter_bw      (hierarchical ring, B = stream bytes)
       latency   = min(ring: 2 (G-1) alpha, tree: 2 log2(G) alpha) per chunk  (G = n x g ranks; NCCL picks the faster)
     B = 4 x (parameters + parameter tensors): SimpleFabric streams every gradient as fp32 plus one has-gradient flag
-        per tensor, through chunks of fabric.chunk_mb MiB (recpre/fabric.py _GradStream).
+        per tensor, through chunks of fabric.chunk_mb MiB (recpre/grad_stream.py).
 
 The CPU check (`--measure`) times a small model under torchrun with 1, 2 and 3 processes (gloo, 1 thread each):
 per step the compute (forward+backward), the wait for the slowest rank, the gradient all-reduce and the optimizer

@@ -282,7 +282,7 @@ def save_checkpoint(
     root: Path,
     step: int,
     *,
-    model: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
     model_config: dict[str, Any],
     settings_yaml: str,
     state: dict[str, Any],
@@ -292,6 +292,7 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically under `root` (RUN/checkpoints) and point `latest` at it.
 
+    `model` is the module or its full weights (name -> tensor, read on rank 0 only).
     `state` is shared by all ranks (written by rank 0); `rank_state` is this rank's own (loader, RNG).
     Every rank must call this; on a shared filesystem each rank writes its own rank file. A failed write (disk
     full) removes the partial temp folder and raises CheckpointSaveError; `latest` keeps naming the previous one.
@@ -325,7 +326,7 @@ def _save_checkpoint(
     fabric: Any,
     keep: int,
 ) -> Path:
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     rank = fabric.rank if fabric is not None else 0
     world = fabric.world_size if fabric is not None else 1
@@ -342,7 +343,11 @@ def _save_checkpoint(
     if rank != 0:
         torch.save(rank_state, tmp / rank_file(rank))
     else:
-        save_model(unwrap_model(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        if isinstance(model, nn.Module):
+            save_model(unwrap_model(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        else:  # full weights (SimpleFabric.full_state_dict): a module's state_dict holds tied tensors once
+            weights = {k: v.contiguous() for k, v in model.items()}
+            save_file(weights, str(tmp / MODEL_FILE), metadata={"step": str(step)})
         torch.save(
             {"format": FORMAT_VERSION, "step": step, "world_size": world, **state, "rank": rank_state}, tmp / STATE_FILE
         )
@@ -448,6 +453,42 @@ def check_same_shape(folder: Path, current: dict[str, Any]) -> None:
             f"checkpoint {folder} holds a different model shape ({'; '.join(diffs)}); "
             "use model.name/model.overrides that match it, or a new run.name / run.resume=never"
         )
+
+
+class _LazyWeights:
+    """A safetensors file as a read-only mapping that reads one tensor per lookup (no full copy in memory)."""
+
+    def __init__(self, file: Path) -> None:
+        from safetensors import safe_open
+
+        self._file = safe_open(str(file), framework="pt", device="cpu")
+
+    def keys(self) -> list[str]:
+        return list(self._file.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(name)
+
+
+def open_weights(source: str | Path, *, config: dict[str, Any] | None = None) -> tuple[Path, Any]:
+    """(file, mapping name -> full tensor) for load_weights' sources, for models that take their weights one
+    tensor at a time (sharded): the safetensors file is read lazily. recpre.weights adds other formats."""
+    from safetensors import SafetensorError
+
+    source = Path(source)
+    if source.is_file() and source.suffix == ".safetensors":
+        file = source
+    else:
+        folder = resolve_checkpoint(source)
+        if config is not None:
+            check_same_shape(folder, config)
+        file = folder / MODEL_FILE
+    try:
+        return file, _LazyWeights(file)
+    except SafetensorError as err:
+        raise UserError(
+            f"{file} is not a valid safetensors file ({err}); delete that checkpoint or load another"
+        ) from None
 
 
 def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any] | None = None) -> Path:

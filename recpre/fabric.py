@@ -2,8 +2,13 @@
 
 One object answers "which rank am I, on which device, in which precision" and performs every collective the driver
 needs. The `simple-ddp` strategy reduces gradients explicitly, once per optimizer step, by streaming them through a
-fixed-size flat buffer (`_GradStream`): it needs no hooks, behaves the same on every backend, and keeps the message
-size bounded (a single huge all-reduce hung the Huginn training code's vendor collective plugin at scale: docs/huginn.md).
+fixed-size flat buffer (recpre/grad_stream.py): it needs no hooks, behaves the same on every backend, and keeps the
+message size bounded (a single huge all-reduce hung the Huginn training code's vendor
+collective plugin at scale: docs/huginn.md).
+With `optimizer_sharding` the same stream reduce-scatters and all-gathers (ZeRO-1, recpre/zero.py); `fsdp` and
+`hsdp` shard parameters, gradients and optimizer state with torch's FSDP2 (recpre/sharding.py). The driver calls the
+same methods under every strategy: setup_model, setup_optimizer, no_sync, all_reduce_gradients, clip_grad_norm,
+optimizer_step, full_state_dict / load_full_state_dict / load_weights and memory_report.
 """
 
 from __future__ import annotations
@@ -11,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -24,12 +27,15 @@ from torch import nn
 from recpre import xla as xla_helpers
 from recpre.distributed_env import ProcessInfo, discover_processes, parse_slurm_nodelist
 from recpre.errors import UserError
+from recpre.grad_stream import GradStream as _GradStream
+from recpre.grad_stream import StreamError
 from recpre.settings import DEVICES, PRECISIONS, STRATEGIES
 
 __all__ = ["FabricError", "SimpleFabric", "unwrap_model", "parse_slurm_nodelist", "discover_processes", "ProcessInfo"]
 
 T = TypeVar("T")
 
+SHARDED = ("fsdp", "hsdp")  # parameters, gradients and optimizer state sharded by FSDP2 (recpre/sharding.py)
 _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -89,6 +95,36 @@ class SimpleFabric:
         self._streams: dict[int, _GradStream] = {}
         # Buffers of the simple-ddp gradient stream: 2 overlaps filling one chunk with reducing the previous.
         self.stream_buffers = 2
+        self._configure_sharding(fabric_settings)
+
+    def _configure_sharding(self, fabric_settings: Any) -> None:
+        self.optimizer_sharding = bool(getattr(fabric_settings, "optimizer_sharding", False))
+        self.offload = bool(getattr(fabric_settings, "offload", False))
+        node = _node_size(self._env, self.world_size)
+        shard_size = getattr(fabric_settings, "shard_size", None)
+        if self.strategy == "hsdp":
+            self.shard_size = int(shard_size) if shard_size else node
+        elif self.strategy == "fsdp":
+            self.shard_size = self.world_size
+        else:
+            world = str(getattr(fabric_settings, "shard_group", "node")) == "world"
+            self.shard_size = self.world_size if world else node
+        if self.world_size % self.shard_size and (self.strategy == "hsdp" or self.optimizer_sharding):
+            raise UserError(
+                f"shard groups of {self.shard_size} ranks do not divide the {self.world_size} ranks; set "
+                "fabric.shard_size (hsdp) or fabric.shard_group=world to a size that divides the world."
+            )
+        if self.strategy in SHARDED and self.device.type not in ("cuda", "cpu"):
+            raise UserError(f"fabric.strategy={self.strategy} runs on CUDA/ROCm GPUs or the CPU, not on {self.device}.")
+        if self.offload and self.device.type != "cuda":
+            raise UserError(
+                f"fabric.offload=true keeps GPU memory in CPU memory, but this run is on {self.device}; "
+                "set fabric.offload=false."
+            )
+        if self.optimizer_sharding and self.strategy != "simple-ddp":
+            raise UserError(f"fabric.optimizer_sharding needs fabric.strategy=simple-ddp, not {self.strategy}.")
+        self._mesh = None
+        self._zero = None
 
     def __repr__(self) -> str:
         return (
@@ -101,7 +137,7 @@ class SimpleFabric:
     @property
     def distributed(self) -> bool:
         """Whether collectives talk to a process group (a single-process run needs none)."""
-        return self.world_size > 1 or self.strategy in ("simple-ddp", "torch-ddp")
+        return self.world_size > 1 or self.strategy in ("simple-ddp", "torch-ddp", *SHARDED)
 
     def launch(self) -> SimpleFabric:
         """Open the process group and prove it works with one all-reduce. Idempotent."""
@@ -182,6 +218,8 @@ class SimpleFabric:
             yield
         except FabricError:
             raise
+        except StreamError as err:
+            raise FabricError(str(err)) from err
         except Exception as err:
             raise FabricError(
                 f"{what} failed on rank {self.rank} of {self.world_size}: another rank died or stalled for longer "
@@ -190,8 +228,31 @@ class SimpleFabric:
 
     # ------------------------------------------------------------------ model and precision
 
+    @property
+    def builds_on_meta(self) -> bool:
+        """Whether the driver builds the model on the meta device: setup_model then materialises only this
+        rank's shards, initialised with the model's `init_parameter` (no rank ever holds the full model)."""
+        return self.strategy in SHARDED
+
+    @property
+    def mesh(self) -> Any:
+        """The device mesh of fsdp (1-D) and hsdp (replicate x shard) and of per-node optimizer sharding."""
+        if self._mesh is None:
+            from recpre.sharding import build_mesh
+
+            self.launch()
+            with self._collective("building the device mesh"):
+                self._mesh = build_mesh(self.device.type, self.world_size, self.shard_size)
+        return self._mesh
+
     def setup_model(self, model: nn.Module) -> nn.Module:
-        """Move the model to the device (and to bf16 for bf16-true), make ranks agree on its weights, wrap for DDP."""
+        """Move the model to the device (and to bf16 for bf16-true), make ranks agree on its weights, wrap for DDP;
+        under fsdp/hsdp shard it per block (a meta-device model is materialised and initialised shard by shard)."""
+        if self.strategy in SHARDED:
+            from recpre.sharding import shard_model
+
+            with self._collective(f"sharding the model ({self.strategy})"):
+                return shard_model(model, self.mesh, precision=self.precision, offload=self.offload, device=self.device)
         model = model.to(self.device)
         if self.precision == "bf16-true":
             model = model.to(torch.bfloat16)
@@ -221,6 +282,10 @@ class SimpleFabric:
     def no_sync(self, model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient reduction on accumulation micro-steps (simple-ddp reduces once per step anyway)."""
         ddp = getattr(model, "_orig_mod", model)  # through a torch.compile wrapper
+        if self.strategy in SHARDED:
+            from recpre.sharding import gradient_sync
+
+            return gradient_sync(ddp, not enabled)
         if enabled and self.strategy == "torch-ddp" and isinstance(ddp, nn.parallel.DistributedDataParallel):
             return ddp.no_sync()
         return contextlib.nullcontext()
@@ -234,6 +299,15 @@ class SimpleFabric:
         call this with the same model structure; a parameter whose gradient is None on some ranks takes part as
         zeros and ends with the averaged gradient on all ranks (None stays None only where it is None everywhere).
         """
+        if self.strategy in SHARDED:  # FSDP reduce-scattered during backward; free the looped core's gather
+            from recpre.sharding import reshard_looped
+
+            reshard_looped(self.unwrap(model))
+            return
+        if self._zero is not None:
+            with self._collective("the gradient reduce-scatter"):
+                self._zero.reduce_gradients()
+            return
         if self.strategy not in ("simple-ddp", "xla") or not self.distributed:
             return
         self.launch()
@@ -242,8 +316,9 @@ class SimpleFabric:
             with self._collective("the xla gradient all-reduce"):
                 xla_helpers.all_reduce_gradients(params, self.world_size, self.chunk_mb)
             return
-        params = [p for p in self.unwrap(model).parameters() if p.requires_grad]
-        key = id(model)
+        self._reduce_stream([p for p in self.unwrap(model).parameters() if p.requires_grad], id(model))
+
+    def _reduce_stream(self, params: list[nn.Parameter], key: int) -> None:
         stream = self._streams.get(key)
         if stream is None or not stream.matches(params):
             stream = _GradStream(params, self.chunk_elements, self.device, self.stream_buffers)
@@ -266,6 +341,123 @@ class SimpleFabric:
         """
         total = self.all_reduce(torch.tensor(float(local_targets), dtype=torch.float64), op="sum")
         return float(total) / self.world_size
+
+    # ------------------------------------------------------------------ optimizer step and state
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The optimizer the driver steps: under optimizer_sharding a ZeroOptimizer over this rank's part of the
+        parameters (recpre/zero.py); otherwise `optimizer` itself (under fsdp/hsdp its state is sharded already,
+        since it was built over the sharded parameters)."""
+        if not (self.optimizer_sharding and self.world_size > 1):
+            return optimizer
+        from recpre.zero import ZeroOptimizer
+
+        self.launch()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        group = replicas = None
+        if self.shard_size < self.world_size:
+            group, replicas = self.mesh.get_group("shard"), self.mesh.get_group("replicate")
+        rank = self.rank % self.shard_size
+        with self._collective("sharding the optimizer state"):
+            self._zero = ZeroOptimizer(
+                optimizer,
+                params,
+                stream_factory=lambda parts: _GradStream(
+                    params, self.chunk_elements, self.device, self.stream_buffers, flags=False, parts=parts
+                ),
+                rank=rank,
+                shard_size=self.shard_size,
+                world_size=self.world_size,
+                group=group,
+                replicas=replicas,
+                all_reduce_gradients=lambda: self._reduce_stream(params, id(optimizer)),
+            )
+        return self._zero
+
+    def clip_grad_norm(self, model: nn.Module, params: list[nn.Parameter], max_norm: float) -> float:
+        """Global gradient norm over all ranks' shards (the same number on every rank), clipped to max_norm."""
+        if self._zero is not None:
+            with self._collective("the gradient norm"):
+                return self._zero.clip_grad_norm(max_norm)
+        if self.strategy in SHARDED:  # the sharded parameters: a list taken while FSDP had the root gathered
+            from recpre.sharding import clip_grad_norm  # (after a no-grad forward) holds its unsharded copies
+
+            params = [p for p in self.unwrap(model).parameters() if p.requires_grad]
+            with self._collective("the gradient norm"):
+                return clip_grad_norm(params, max_norm)
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def optimizer_step(self, optimizer: Any) -> None:
+        """One optimizer step; with optimizer sharding every rank then holds the same updated weights."""
+        with self._collective("the optimizer step"):
+            optimizer.step()
+
+    def full_state_dict(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+        """{"model": weights, "optimizer": index-keyed optimizer state} as one process holds them, complete on
+        rank 0 (other ranks may get partial or empty entries). Every rank must call it (it gathers shards)."""
+        if self.strategy in SHARDED:
+            from recpre.sharding import full_model_state, full_optimizer_state
+
+            with self._collective("gathering the full model and optimizer state"):
+                inner = self.unwrap(model)
+                return {
+                    "model": full_model_state(inner, self.is_main),
+                    "optimizer": full_optimizer_state(optimizer, self.is_main),
+                }
+        state = {"model": self.unwrap(model).state_dict()}
+        if self._zero is not None:
+            with self._collective("gathering the sharded optimizer state"):
+                state["optimizer"] = self._zero.full_state_dict(self.is_main)
+        else:
+            state["optimizer"] = optimizer.state_dict()
+        return state
+
+    def load_full_state_dict(self, model: nn.Module, optimizer: Any, state: Mapping[str, Any], source: str) -> None:
+        """Load full_state_dict's format: each rank keeps its shards. "model" (a mapping of full tensors, which may
+        read lazily) and "optimizer" may each be absent or None; hyperparameters stay this run's."""
+        from recpre.optim import load_optimizer_state
+
+        inner = self.unwrap(model)
+        weights, saved = state.get("model"), state.get("optimizer")
+        if weights is not None:
+            if self.strategy in SHARDED:
+                from recpre.sharding import load_model_state
+
+                try:
+                    load_model_state(inner, weights)
+                except KeyError as err:
+                    raise UserError(f"weights in {source} do not fit this model ({err.args[0]})") from None
+            else:
+                inner.load_state_dict(weights, strict=True)
+        if optimizer is None or saved is None:
+            return
+        if self.strategy in SHARDED:
+            from recpre.sharding import load_optimizer_full_state
+
+            load_optimizer_full_state(optimizer, saved, source=source)
+        elif self._zero is not None:
+            self._zero.load_full_state_dict(saved, source=source)
+        else:
+            load_optimizer_state(optimizer, saved, source=source)
+
+    def load_weights(self, model: nn.Module, source: Any, config: dict[str, Any] | None = None) -> Any:
+        """Weights from a recpre checkpoint/run folder or a .safetensors file (recpre.checkpoint's
+        load_weights); sharded models read one tensor at a time and keep their shard of it."""
+        from recpre.checkpoint import load_weights, open_weights
+
+        if self.strategy not in SHARDED:
+            return load_weights(model, source, config=config)
+        path, weights = open_weights(source, config=config)
+        self.load_full_state_dict(model, None, {"model": weights}, source=str(path))
+        return path
+
+    def memory_report(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+        """The memory event: this rank's bytes of parameters, gradients and optimizer state as held (measured from
+        the tensors' storage), and the device allocator's peak where there is one."""
+        from recpre.memory import memory_report
+
+        report = memory_report(self.unwrap(model), optimizer, self.device)
+        return {"event": "memory", "strategy": self.strategy, "optimizer_sharding": self._zero is not None, **report}
 
     # ------------------------------------------------------------------ collectives for the driver
 
@@ -368,6 +560,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return _pick_device(name, 0)
 
 
+def _node_size(env: Mapping[str, str], world_size: int) -> int:
+    """Ranks per node: torchrun's LOCAL_WORLD_SIZE, SLURM's tasks per node ("8" or "8(x4)"), else the world."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        raw = str(env.get(key, "")).split("(")[0].split(",")[0].strip()
+        if raw.isdigit() and int(raw) > 0:
+            return min(int(raw), world_size)
+    return world_size
+
+
 def _pick_device(name: str, local_rank: int) -> torch.device:
     if name == "xla":
         try:
@@ -400,109 +601,3 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
             raise UserError("fabric.device=mps but MPS is not available; use fabric.device=cpu or auto.")
         return torch.device("mps")
     return torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """A run of `length` elements copied between buffer offset `buf` and flat offset `src` of parameter `index`
-    (index -1: the has-gradient flags)."""
-
-    index: int
-    src: int
-    buf: int
-    length: int
-
-
-class _GradStream:
-    """Streams all gradients through fixed-size fp32 buffers (two by default), filling one while another reduces.
-
-    The flat stream is [one has-gradient flag per parameter] + [every parameter's gradient, in model order];
-    chunk c covers stream elements [c * C, (c + 1) * C) whatever the parameter boundaries. The flags come first
-    so a parameter's global has-gradient count is known before its values are written back.
-    """
-
-    def __init__(
-        self, params: list[nn.Parameter], chunk_elements: int, device: torch.device, num_buffers: int = 2
-    ) -> None:
-        self.params = params
-        self._ids = [id(p) for p in params]
-        self.shapes = [tuple(p.shape) for p in params]
-        sizes = [p.numel() for p in params]
-        n_flags = len(params)
-        total = n_flags + sum(sizes)
-        size = max(1, min(chunk_elements, total))
-        self.buffers = [torch.empty(size, dtype=torch.float32, device=device) for _ in range(max(1, num_buffers))]
-        self.device = device
-        # Segments of the flat stream: (index, start, length); index -1 is the flag segment.
-        segments = [(-1, 0, n_flags)]
-        start = n_flags
-        for i, n in enumerate(sizes):
-            segments.append((i, start, n))
-            start += n
-        self.chunks: list[list[_Piece]] = []
-        for c0 in range(0, total, size):
-            c1 = min(c0 + size, total)
-            pieces = []
-            for index, s0, n in segments:
-                a, b = max(c0, s0), min(c1, s0 + n)
-                if a < b:
-                    pieces.append(_Piece(index, a - s0, a - c0, b - a))
-            self.chunks.append(pieces)
-        self.chunk_lengths = [min(c0 + size, total) - c0 for c0 in range(0, total, size)]
-
-    def matches(self, params: list[nn.Parameter]) -> bool:
-        return [id(p) for p in params] == self._ids and [tuple(p.shape) for p in params] == self.shapes
-
-    def check_same_layout(self, rank: int) -> None:
-        """Ranks with different models would silently add unrelated numbers: refuse instead."""
-        digest = hash(tuple(self.shapes)) % (2**62)
-        probe = torch.tensor([digest, -digest], dtype=torch.int64, device=self.device)
-        dist.all_reduce(probe, op=dist.ReduceOp.MAX)
-        if int(probe[0]) != digest or int(probe[1]) != -digest:
-            raise FabricError(
-                f"rank {rank}'s model has a different parameter layout from another rank's; "
-                "every rank must build the same model for fabric.strategy=simple-ddp."
-            )
-
-    def reduce(self, world_size: int) -> None:
-        grads = []
-        for p in self.params:
-            g = p.grad
-            if g is not None and g.is_sparse:
-                raise FabricError("simple-ddp cannot reduce sparse gradients; use fabric.strategy=torch-ddp.")
-            if g is not None and not g.is_contiguous():
-                p.grad = g = g.contiguous()
-            grads.append(g)
-        flags = torch.tensor([0.0 if g is None else 1.0 for g in grads], dtype=torch.float32).to(self.device)
-        global_flags: list[float] = [0.0] * len(grads)
-        pending: deque = deque()
-        for c, pieces in enumerate(self.chunks):
-            if len(pending) == len(self.buffers):  # the buffer we are about to fill is still in flight
-                self._write_back(*pending.popleft(), world_size, global_flags)
-            buf = self.buffers[c % len(self.buffers)][: self.chunk_lengths[c]]
-            for piece in pieces:
-                dst = buf[piece.buf : piece.buf + piece.length]
-                if piece.index < 0:
-                    dst.copy_(flags[piece.src : piece.src + piece.length])
-                elif grads[piece.index] is None:
-                    dst.zero_()
-                else:
-                    dst.copy_(grads[piece.index].view(-1)[piece.src : piece.src + piece.length])
-            pending.append((dist.all_reduce(buf, async_op=True), buf, pieces))
-        while pending:
-            self._write_back(*pending.popleft(), world_size, global_flags)
-
-    def _write_back(self, work, buf: torch.Tensor, pieces: list[_Piece], world_size: int, global_flags) -> None:
-        work.wait()
-        for piece in pieces:
-            src = buf[piece.buf : piece.buf + piece.length]
-            if piece.index < 0:
-                global_flags[piece.src : piece.src + piece.length] = src.tolist()
-                continue
-            p = self.params[piece.index]
-            if p.grad is None:
-                if global_flags[piece.index] == 0:
-                    continue  # no rank has a gradient for it: leave None, as a single process would
-                p.grad = torch.zeros_like(p)
-            dst = p.grad.view(-1)[piece.src : piece.src + piece.length]
-            torch.div(src, world_size, out=dst) if dst.dtype == torch.float32 else dst.copy_(src / world_size)

@@ -244,15 +244,29 @@ class _LanguageModel(nn.Module):
         Truncated normal (cut at +-3 std) with std = config.init_std; output projections (attn.proj, mlp.proj)
         use std / sqrt(2 * effective_depth); norms are ones; biases and q/k biases are zeros.
         """
-        c = self.config
         for name, p in self.named_parameters():
-            if "norm" in name.rsplit(".", 2)[-2] or name.endswith("ln_f.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(".bias") or name.endswith("qk_bias"):
-                nn.init.zeros_(p)
-            else:
-                std = c.out_proj_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else c.init_std
-                nn.init.trunc_normal_(p, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: Tensor) -> None:
+        """Initialise the full tensor of parameter `name` in place (a sharding fabric calls this one parameter
+        at a time, in named_parameters order, so sharded and unsharded builds draw the same weights)."""
+        c = self.config
+        if "norm" in name.rsplit(".", 2)[-2] or name.endswith("ln_f.weight"):
+            nn.init.ones_(p)
+        elif name.endswith(".bias") or name.endswith("qk_bias"):
+            nn.init.zeros_(p)
+        else:
+            std = c.out_proj_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else c.init_std
+            nn.init.trunc_normal_(p, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in forward order: the units a sharding fabric wraps one by one."""
+        return [m for m in self.modules() if isinstance(m, Block)]
+
+    def recurrent_blocks(self) -> list[nn.Module]:
+        """The blocks that run several times per forward (the looped core); none in a GPT."""
+        return []
 
 
 class GPT(_LanguageModel):
@@ -306,6 +320,9 @@ class RecurrentGPT(_LanguageModel):
     def set_recurrence_boundary(self, hook: Callable[[Tensor], None]) -> None:
         """Call `hook(state)` after the initial state and after every no-grad iteration (on XLA: a graph cut)."""
         self.recurrence_boundary = hook
+
+    def recurrent_blocks(self) -> list[nn.Module]:
+        return list(self.transformer.core_block)
 
     def resolve_steps(self, num_steps: int | tuple[int, int] | Tensor | None) -> tuple[int, int]:
         """(n no-grad, k grad) from (n, k), an int r (= (0, r)) or None (the config's mean recurrence)."""

@@ -104,6 +104,10 @@ class ELLISAdam(torch.optim.Optimizer):
     State m, v are only written by lerp/mul/addcmul (never clamped in place); the step has no host sync.
     """
 
+    # Set by optimizer sharding (recpre/zero.py) when the parameters are pieces of tensors split over ranks:
+    # (group, pieces, piece norms) -> (whole-tensor norms, whole-tensor sizes); a collective.
+    shard_norms = None
+
     def __init__(
         self,
         params,
@@ -154,6 +158,8 @@ class ELLISAdam(torch.optim.Optimizer):
                 torch._foreach_addcmul_(old_v, old_g, old_g, value=1.0 - b2)
             params = fresh_p + old_p
             if not params:
+                if self.shard_norms is not None and group["update_clipping"]:
+                    self.shard_norms(group, [], [])  # a collective: a rank without pieces here takes part too
                 continue
             grads = fresh_g + old_g
             ms = [self.state[p]["exp_avg"] for p in params]
@@ -164,9 +170,12 @@ class ELLISAdam(torch.optim.Optimizer):
                 torch._foreach_add_(roots, eps)
                 ratios = torch._foreach_div(grads, roots)
                 norms = torch._foreach_norm(ratios)
-                for u, nrm, p in zip(updates, norms, params):
+                sizes = [p.numel() for p in params]
+                if self.shard_norms is not None:  # pieces of tensors split over ranks: the whole tensors' norms
+                    norms, sizes = self.shard_norms(group, params, norms)
+                for u, nrm, size in zip(updates, norms, sizes):
                     # rms = norm / sqrt(numel); divide by max(1, rms) on device, no .item()
-                    u.div_((nrm / math.sqrt(max(p.numel(), 1))).clamp_min(1.0))
+                    u.div_((nrm / math.sqrt(max(size, 1))).clamp_min(1.0))
             if group["weight_decay"] != 0.0:
                 torch._foreach_mul_(params, wd_factor)
             torch._foreach_add_(params, updates, alpha=-lr)

@@ -36,7 +36,8 @@ OPTIMIZERS = ("adamw", "ellis-adam", "muon")
 SCHEDULES = ("trapezoid", "cosine", "linear", "constant")
 # Static on purpose: flex/flash/nki register themselves only when their optional module is importable.
 ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "flex", "flash", "nki")
-STRATEGIES = ("auto", "single", "simple-ddp", "torch-ddp", "xla")
+STRATEGIES = ("auto", "single", "simple-ddp", "torch-ddp", "fsdp", "hsdp", "xla")
+SHARD_GROUPS = ("node", "world")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
 DEVICES = ("auto", "cpu", "cuda", "mps", "xla")
 PROGRESS = ("auto", "bar", "lines", "none")
@@ -138,11 +139,15 @@ class TrainSettings:
 
 @dataclass
 class FabricSettings:
-    strategy: str = "auto"  # auto | single | simple-ddp | torch-ddp | xla
+    strategy: str = "auto"  # auto | single | simple-ddp | torch-ddp | fsdp | hsdp | xla
     precision: str = "fp32"  # fp32 | bf16-mixed | bf16-true
     device: str = "auto"  # auto | cpu | cuda | mps | xla (the xla strategy picks the XLA device)
     chunk_mb: float = 25.0  # gradient all-reduce bucket size in MiB
     timeout_s: int = 1800  # process-group timeout in seconds
+    optimizer_sharding: bool = False  # simple-ddp: each rank keeps the optimizer state of 1/N of the weights
+    shard_group: str = "node"  # optimizer_sharding over the ranks of a node | the whole world
+    shard_size: int | None = None  # hsdp: ranks per shard group (replicated across groups); None = a node
+    offload: bool = False  # fsdp/hsdp on GPUs: parameters and optimizer state live in CPU memory
 
 
 @dataclass
@@ -636,13 +641,7 @@ def _validate(s: Settings, where: _Origins) -> None:
         f"must be >= 0 (0 = one micro-batch per rank), got {sc.ramp_start_batch_size}",
     )
 
-    f = s.fabric
-    _require(f.chunk_mb > 0, "fabric.chunk_mb", where, f"must be > 0, got {f.chunk_mb}")
-    _require(f.timeout_s >= 1, "fabric.timeout_s", where, f"must be >= 1, got {f.timeout_s}")
-    if f.strategy == "xla":
-        _require(
-            f.device in ("auto", "xla"), "fabric.device", where, "must be 'auto' or 'xla' with fabric.strategy xla"
-        )
+    _check_fabric(s, where)
 
     _require(s.log.interval >= 1, "log.interval", where, f"must be >= 1, got {s.log.interval}")
     e = s.eval
@@ -687,6 +686,28 @@ def _check_recurrence(r: RecurrenceSettings, where: _Origins) -> None:
             where,
             f"or start_backprop_depth must be set: the {c.name} curriculum ramps from them to the targets",
         )
+
+
+def _check_fabric(s: Settings, where: _Origins) -> None:
+    """Fabric options, and sharding options that cannot work together, refused before the run folder exists."""
+    f, sharded = s.fabric, s.fabric.strategy in ("fsdp", "hsdp")
+    _require(f.chunk_mb > 0, "fabric.chunk_mb", where, f"must be > 0, got {f.chunk_mb}")
+    _require(f.timeout_s >= 1, "fabric.timeout_s", where, f"must be >= 1, got {f.timeout_s}")
+    if f.strategy == "xla":
+        _require(
+            f.device in ("auto", "xla"), "fabric.device", where, "must be 'auto' or 'xla' with fabric.strategy xla"
+        )
+    _one_of(f.shard_group, SHARD_GROUPS, "fabric.shard_group", where)
+    need = "needs fabric.strategy simple-ddp (fsdp and hsdp shard the optimizer state already)"
+    _require(not f.optimizer_sharding or f.strategy == "simple-ddp", "fabric.optimizer_sharding", where, need)
+    _require(
+        f.shard_size is None or f.strategy == "hsdp", "fabric.shard_size", where, "applies to fabric.strategy hsdp only"
+    )
+    _require(f.shard_size is None or f.shard_size >= 1, "fabric.shard_size", where, f"must be >= 1, got {f.shard_size}")
+    _require(not f.offload or sharded, "fabric.offload", where, "needs fabric.strategy fsdp or hsdp")
+    _require(not f.offload or f.device != "cpu", "fabric.offload", where, "moves GPU memory to the CPU: it needs a GPU")
+    muon = "is muon, which orthogonalises whole matrices: use optim.name adamw or ellis-adam with fabric.strategy"
+    _require(not (sharded and s.optim.name == "muon"), "optim.name", where, f"{muon} {f.strategy}")
 
 
 def _check_step_budget(s: Settings, steps: int | None, where: _Origins, key: str) -> None:
@@ -829,6 +850,11 @@ def validate_for_world(settings: Settings, world_size: int) -> None:
         f"({settings.eval.max_batches}) must be a multiple of the world size ({world_size}), "
         "so every rank validates the same number of batches",
     )
+    size = settings.fabric.shard_size
+    if settings.fabric.strategy == "hsdp" and size is not None:
+        _require(
+            world_size % size == 0, "fabric.shard_size", where, f"({size}) must divide the world size ({world_size})"
+        )
     if sc.batch_size_ramp > 0 and sc.ramp_start_batch_size:
         _require(
             sc.ramp_start_batch_size % per_step == 0,

@@ -1,19 +1,20 @@
 """What differs between execution engines inside one optimizer step, behind one small interface chosen once
 per run from `fabric.strategy`, so the driver's loop never branches on where it runs.
 
-- `EagerStep` (CPU, CUDA/ROCm, MPS): clip on the host-visible norm, skip a non-finite step with an `if`.
-- `XlaStep` (Trainium through torch-neuronx, TPU, XLA on CPU; recpre/xla.py): graph-stable recurrence (a cut
-  after every no-grad iteration, a fixed number of grad iterations), clip and skip on the device by masking,
-  values read after the step's graph is cut, weights and optimizer state moved to CPU for the files. Its
-  `sweep` variant (`--compile-sweep`) visits every graph a run needs and writes no checkpoint.
+- `EagerStep` (CPU, CUDA/ROCm, MPS; every strategy from `single` to `fsdp`): the fabric clips over the global
+  (possibly sharded) gradient norm, steps the (possibly sharded) optimizer, and gathers or scatters the full
+  model and optimizer state for checkpoints; a non-finite step is skipped with an `if`.
+- `XlaStep` (Trainium trn1 through torch-neuronx, TPU, XLA on CPU; recpre/xla.py): graph-stable recurrence (a
+  cut after every no-grad iteration, a fixed number of grad iterations), clip and skip on the device by
+  masking, values read after the step's graph is cut, weights and optimizer state moved to CPU for the files.
+  With `sweep_depths` (`--compile-sweep`) it visits every graph a run needs and writes no checkpoint.
 
-A sharded strategy or a native Neuron device adds a backend (or fabric methods it calls), not a branch.
+A native Neuron device or another engine adds a backend, not a branch in the loop.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ class EagerStep:
     name = "eager"
     saves_checkpoints = True
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def prepare(self, model: nn.Module, optimizer: Any) -> None:
         """Anything the engine needs before step 1 (nothing in eager mode)."""
 
     def training_depth(self, spec: Any, n: int, k: int, micro_step: int) -> tuple[int, int]:
@@ -40,34 +41,31 @@ class EagerStep:
         """Seed the generators the model's initial-state noise is drawn from."""
         torch.manual_seed(seed)
 
-    def finish_step(
-        self,
-        optimizer: torch.optim.Optimizer,
-        params: list[nn.Parameter],
-        clip: float,
-        loss_sum: torch.Tensor,
-        fabric: Any,
-    ) -> tuple[float, float]:
-        """Clip, update unless the gradient norm is non-finite, clear gradients; (mean loss, grad norm)."""
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    def finish_step(self, trainer: Any, loss_sum: torch.Tensor) -> tuple[float, float, dict | None]:
+        """Clip, update unless the gradient norm is non-finite, clear gradients: (mean loss, grad norm, the
+        memory report on the trainer's first step, measured while gradients and optimizer state are held)."""
+        fabric, optimizer = trainer.fabric, trainer.optimizer
+        grad_norm = fabric.clip_grad_norm(trainer.model, trainer.params, trainer.grad_clip)
         loss = float(fabric.all_reduce(loss_sum, op="mean"))
         if math.isfinite(grad_norm):
-            optimizer.step()
+            fabric.optimizer_step(optimizer)
+        memory = trainer.take_memory_report()
         optimizer.zero_grad(set_to_none=True)
         fabric.sync()
-        return loss, grad_norm
+        return loss, grad_norm, memory
 
     def metrics(self) -> dict[str, Any]:
         return {}
 
-    def saveable_model(self, model: nn.Module) -> nn.Module:
-        return model
+    def full_state(self, fabric: Any, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+        """{"model": weights, "optimizer": state} as one process holds them (complete on rank 0)."""
+        return fabric.full_state_dict(model, optimizer)
 
-    def to_cpu(self, state: Any) -> Any:
-        return state
+    def load_weights(self, fabric: Any, model: nn.Module, path: Path) -> None:
+        fabric.load_weights(model, path)
 
-    def load_weights(self, model: nn.Module, path: Path, load: Callable[[nn.Module, Path], Any]) -> None:
-        load(model, path)
+    def load_optimizer(self, fabric: Any, model: nn.Module, optimizer: Any, saved: dict, source: str) -> None:
+        fabric.load_full_state_dict(model, optimizer, {"optimizer": saved}, source=source)
 
 
 class XlaStep(EagerStep):
@@ -79,7 +77,7 @@ class XlaStep(EagerStep):
         self.config, self.sweep = config, sweep_depths
         self.saves_checkpoints = not sweep_depths  # a sweep's weights are garbage under neuron_parallel_compile
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def prepare(self, model: nn.Module, optimizer: Any) -> None:
         """Optimizer state and weights in steady-state form, and a graph cut after every no-grad iteration."""
         xla_helpers.prepare_training(optimizer, [p for p in model.parameters() if p.requires_grad])
         plain = unwrap_model(model)
@@ -94,41 +92,39 @@ class XlaStep(EagerStep):
         torch.manual_seed(seed)
         xla_helpers.seed_device(seed)
 
-    def finish_step(
-        self,
-        optimizer: torch.optim.Optimizer,
-        params: list[nn.Parameter],
-        clip: float,
-        loss_sum: torch.Tensor,
-        fabric: Any,
-    ) -> tuple[float, float]:
+    def finish_step(self, trainer: Any, loss_sum: torch.Tensor) -> tuple[float, float, dict | None]:
         """Clip and skip on the device, then cut the graph and read the values (no host sync inside a step)."""
-        grad_norm_t = xla_helpers.masked_optimizer_step(optimizer, params, clip)
+        fabric, optimizer = trainer.fabric, trainer.optimizer
+        grad_norm_t = xla_helpers.masked_optimizer_step(optimizer, trainer.params, trainer.grad_clip)
         loss_t = fabric.all_reduce(loss_sum, op="mean")
         optimizer.zero_grad(set_to_none=True)
         fabric.sync()
         grad_norm, loss = float(grad_norm_t), float(loss_t)
         if not math.isfinite(grad_norm):
             xla_helpers.rewind_step_counters(optimizer, fabric.device)
-        return loss, grad_norm
+        return loss, grad_norm, None
 
     def metrics(self) -> dict[str, Any]:
         return {"xla_graphs": xla_helpers.compile_count()}
 
-    def saveable_model(self, model: nn.Module) -> nn.Module:
+    def full_state(self, fabric: Any, model: nn.Module, optimizer: Any) -> dict[str, Any]:
         from recpre.model import build_model
 
-        return xla_helpers.cpu_module(model, build_model(self.config, device="meta"))
+        cpu = xla_helpers.cpu_module(model, build_model(self.config, device="meta"))
+        return {"model": cpu, "optimizer": xla_helpers.to_cpu(optimizer.state_dict())}
 
-    def to_cpu(self, state: Any) -> Any:
-        return xla_helpers.to_cpu(state)
-
-    def load_weights(self, model: nn.Module, path: Path, load: Callable[[nn.Module, Path], Any]) -> None:
+    def load_weights(self, fabric: Any, model: nn.Module, path: Path) -> None:
         """safetensors reads into CPU weights, which are then copied onto the device."""
+        from recpre.checkpoint import load_weights
         from recpre.model import build_model
 
         empty = build_model(self.config, device="meta")
-        xla_helpers.load_through_cpu(model, empty, lambda m: load(m, path))
+        xla_helpers.load_through_cpu(model, empty, lambda m: load_weights(m, path))
+
+    def load_optimizer(self, fabric: Any, model: nn.Module, optimizer: Any, saved: dict, source: str) -> None:
+        from recpre.optim import load_optimizer_state
+
+        load_optimizer_state(optimizer, saved, source=source)
 
 
 def step_backend(strategy: str, config: Any, *, sweep_depths: list[int] | None = None) -> EagerStep:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from recpre.checkpoint import MODEL_FILE, load_state, load_weights, rng_state, save_checkpoint, set_rng_state
+from recpre.checkpoint import MODEL_FILE, load_state, rng_state, save_checkpoint, set_rng_state
 from recpre.errors import UserError
 from recpre.guardrails import LossSpikeGuard
 
@@ -101,28 +101,18 @@ class RngState:
         set_rng_state(state, self.device)
 
 
-class OptimizerState:
-    """An optimizer whose restored moments keep this run's hyperparameters (lr, weight decay, betas)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, source: str = "?") -> None:
-        self.optimizer, self.source = optimizer, source
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from recpre.optim import load_optimizer_state
-
-        load_optimizer_state(self.optimizer, state, source=self.source)
-
-
 @dataclass
 class RunState:
-    """Every stateful part of a run, saved and restored together (one call each)."""
+    """Every stateful part of a run, saved and restored together (one call each).
+
+    The model and the optimizer go through the step backend and the fabric, which gather a sharded run's state
+    into one process's format and hand each rank its shards back; the other parts are plain state dicts.
+    """
 
     fabric: Any
-    backend: Any  # recpre.step_backends.StepBackend: device <-> CPU for the files
+    backend: Any  # recpre.step_backends.EagerStep or XlaStep
     model: torch.nn.Module
+    optimizer: Any
     model_config: dict[str, Any]
     settings_yaml: str
     root: Path  # RUN/checkpoints
@@ -132,14 +122,15 @@ class RunState:
 
     def save(self, step: int) -> Path:
         """Write checkpoint `step` (every rank calls this); returns its folder."""
+        full = self.backend.full_state(self.fabric, self.model, self.optimizer)
         return save_checkpoint(
             self.root,
             step,
-            model=self.backend.saveable_model(self.model),
+            model=full["model"],
             model_config=self.model_config,
             settings_yaml=self.settings_yaml,
-            state={name: self.backend.to_cpu(part.state_dict()) for name, part in self.shared.items()},
-            rank_state={name: self.backend.to_cpu(part.state_dict()) for name, part in self.per_rank.items()},
+            state={"optimizer": full["optimizer"], **{name: p.state_dict() for name, p in self.shared.items()}},
+            rank_state={name: part.state_dict() for name, part in self.per_rank.items()},
             fabric=self.fabric,
             keep=self.keep,
         )
@@ -148,7 +139,7 @@ class RunState:
         """Weights and every registered part from `ckpt` (verified by rank 0 before); False when it holds
         weights only (an imported checkpoint: training starts at step 0)."""
         state = upgrade_legacy_state(load_state(ckpt, self.fabric.rank))
-        self.backend.load_weights(self.model, ckpt / MODEL_FILE, lambda m, path: load_weights(m, path))
+        self.backend.load_weights(self.fabric, self.model, ckpt / MODEL_FILE)
         if "optimizer" not in state:
             return False
         if state.get("world_size", self.fabric.world_size) != self.fabric.world_size:
@@ -157,18 +148,16 @@ class RunState:
                 f"{self.fabric.world_size}; resume with the same number of ranks, or start a new run with "
                 f"run.init_from={ckpt}"
             )
-        for part in self.shared.values():
-            if hasattr(part, "source"):
-                part.source = str(ckpt)
-        for name, part in self.shared.items():
+        for name, part in self.shared.items():  # the optimizer's identity is checked before its state loads
             if name in state:
+                if hasattr(part, "source"):
+                    part.source = str(ckpt)
                 part.load_state_dict(state[name])
+        self.backend.load_optimizer(self.fabric, self.model, self.optimizer, state["optimizer"], str(ckpt))
         if state["rank"] is None:
             if self.fabric.is_main:
-                print(
-                    f"warning: {ckpt} has no state for rank {self.fabric.rank}; its data order restarts",
-                    file=sys.stderr,
-                )
+                message = f"warning: {ckpt} has no state for rank {self.fabric.rank}; its data order restarts"
+                print(message, file=sys.stderr)
             return True
         for name, part in self.per_rank.items():
             part.load_state_dict(state["rank"][name])

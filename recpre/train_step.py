@@ -61,9 +61,17 @@ class Trainer:
     grad_clip: float = math.inf
     input_kwargs: dict[str, Any] = field(default_factory=dict)
     nan_steps: frozenset[int] = frozenset()  # test hook (recpre.guardrails.debug_nan_steps)
+    report_memory: bool = True  # the memory event of the first step (recpre/memory.py)
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def take_memory_report(self) -> dict[str, Any] | None:
+        """The fabric's memory report, once (the backend calls it while gradients and optimizer state exist)."""
+        if not self.report_memory:
+            return None
+        self.report_memory = False
+        return self.fabric.memory_report(self.model, self.optimizer)
 
     def micro_depth(self, step: int, micro_batch: int, index: int) -> tuple[int, int] | None:
         """(n, k) of one micro-batch (None for a model without recurrence), as the backend runs it."""
@@ -107,10 +115,11 @@ def train_step(trainer: Trainer, state: TrainState, micro: list[tuple[torch.Tens
     fabric.all_reduce_gradients(model)
     if state.step + 1 in t.nan_steps:
         poison_gradients(model)
-    loss, grad_norm = t.backend.finish_step(t.optimizer, t.params, t.grad_clip, loss_sum, fabric)
+    loss, grad_norm, memory = t.backend.finish_step(t, loss_sum)
     tokens = fabric.world_size * sum(x.numel() for x, _ in micro)
     state.record_step(tokens, finite=math.isfinite(grad_norm))
     return {
+        "memory": memory,
         "loss": loss,
         "grad_norm": grad_norm,
         "accum": len(micro),

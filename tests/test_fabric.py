@@ -130,7 +130,7 @@ def test_strategy_and_settings_validation():
     )
     with pytest.raises(UserError, match="fabric.strategy=single"):
         SimpleFabric(settings(strategy="single"), env=two)
-    for key, value in [("strategy", "fsdp"), ("precision", "fp16"), ("device", "tpu"), ("chunk_mb", 0)]:
+    for key, value in [("strategy", "deepspeed"), ("precision", "fp16"), ("device", "tpu"), ("chunk_mb", 0)]:
         with pytest.raises(UserError, match=f"fabric.{key}"):
             SimpleFabric(settings(**{key: value}), env={})
 
