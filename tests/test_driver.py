@@ -3,7 +3,6 @@ init_from across runtime choices, and a depth curriculum that resumes exactly.""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +14,7 @@ from conftest import tiny_run_args
 
 from recpre.checkpoint import load_state
 from recpre.config import ModelConfig
+from recpre.fabric import SimpleFabric
 from recpre.guardrails import LossSpikeGuard
 from recpre.model import build_model
 from recpre.monitor import Monitor, read_metrics
@@ -28,26 +28,9 @@ from recpre.train_step import Trainer, train_step
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-main-v1"
 
 
-class OneProcess:
-    rank, world_size, device, is_main = 0, 1, torch.device("cpu"), True
-
-    def loss_normalizer(self, n):
-        return float(n)
-
-    def no_sync(self, model, enabled=True):
-        return contextlib.nullcontext()
-
-    def autocast(self):
-        return contextlib.nullcontext()
-
-    def all_reduce_gradients(self, model):
-        pass
-
-    def all_reduce(self, t, op="sum"):
-        return t
-
-    def sync(self):
-        pass
+def one_process() -> SimpleFabric:
+    """A real single-process fabric on the CPU (no process group), as train.py builds it."""
+    return SimpleFabric(load_settings(None, ["fabric.device=cpu", "fabric.strategy=single"]).fabric, env={})
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -60,7 +43,7 @@ def test_train_step_is_one_optimizer_step_with_its_metrics():
     model = build_model(config)
     optimizer = build_optimizer(model, load_settings(None, []).optim)
     recurrence = RecurrencePolicy(mean=4, backprop_depth=2, sampling="poisson-lognormal-filling", lockstep=True)
-    trainer = Trainer(model, optimizer, OneProcess(), EagerStep(), config, recurrence, seed=3, grad_clip=1.0)
+    trainer = Trainer(model, optimizer, one_process(), EagerStep(), config, recurrence, seed=3, grad_clip=1.0)
     state = TrainState(guard=LossSpikeGuard(None, 1))
     gen = torch.Generator().manual_seed(1)
     micro = [(torch.randint(0, 4000, (2, 16), generator=gen),) * 2 for _ in range(3)]
@@ -77,7 +60,7 @@ def test_train_step_is_one_optimizer_step_with_its_metrics():
     for p, b in zip(model.parameters(), before):
         p.data.copy_(b)
     optimizer2 = build_optimizer(model, load_settings(None, []).optim)
-    trainer2 = Trainer(model, optimizer2, OneProcess(), EagerStep(), config, recurrence, seed=3, grad_clip=1.0)
+    trainer2 = Trainer(model, optimizer2, one_process(), EagerStep(), config, recurrence, seed=3, grad_clip=1.0)
     again = train_step(trainer2, TrainState(guard=LossSpikeGuard(None, 1)), micro)
     assert again["loss"] == metrics["loss"]
 
