@@ -123,7 +123,7 @@ def reference_ellis(params, grad_seq, lrs, lr0, b1, b2, eps, wd, clipping):
                 rms = (g / (v[i].sqrt() + eps)).pow(2).mean().sqrt()
                 u = u / max(1.0, float(rms))
             params[i] = params[i] * (1 - (lr / lr0) * wd) - lr * u
-    return params
+    return params, m, v
 
 
 @pytest.mark.parametrize("clipping", [True, False])
@@ -143,11 +143,14 @@ def test_ellis_adam_matches_float64_reference(clipping):
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
-    want = reference_ellis(init, grad_seq, lrs, lr0, b1, b2, eps, wd, clipping)
+    want, want_m, want_v = reference_ellis(init, grad_seq, lrs, lr0, b1, b2, eps, wd, clipping)
     for p, w in zip(params, want):
         torch.testing.assert_close(p.detach(), w, atol=1e-12, rtol=1e-12)
-    # state is the running moments, untouched by clipping
-    assert torch.equal(opt.state[params[0]]["exp_avg_sq"], opt.state[params[0]]["exp_avg_sq"].clamp_min(0))
+    # the state holds the running moments of the raw gradients, untouched by clipping or weight decay
+    for p, m, v in zip(params, want_m, want_v):
+        assert opt.state[p]["step"] == steps
+        torch.testing.assert_close(opt.state[p]["exp_avg"], m, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], v, atol=1e-12, rtol=1e-12)
 
 
 def train(model, opt, steps, seed=0, loss_fn=None):
