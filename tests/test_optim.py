@@ -174,13 +174,12 @@ def test_loss_decreases_tiny(name):
 
 
 def _debug_model():
-    model_mod = pytest.importorskip("recpre.model")
-    config_mod = pytest.importorskip("recpre.config")
-    if not hasattr(model_mod, "build_model"):
-        pytest.skip("recpre.model.build_model not available yet")
+    from recpre.config import ModelConfig
+    from recpre.model import build_model
+
     torch.manual_seed(0)
-    config = config_mod.ModelConfig.from_name("debug-recurrent")
-    return model_mod.build_model(config), config
+    config = ModelConfig.from_name("debug-recurrent")
+    return build_model(config), config
 
 
 @pytest.mark.parametrize("name", NAMES)
