@@ -206,10 +206,23 @@ def test_resuming_with_settings_that_cannot_resume_lists_every_differing_key(
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     before = snapshot(run)
-    changed = ["run.seed=8", "train.micro_batch_size=1", "optim.name=ellis-adam"]
+    changed = [
+        "run.seed=8",
+        "train.micro_batch_size=1",
+        "data.weights=[1.0]",
+        "optim.name=ellis-adam",
+        "optim.no_decay=[norm]",
+    ]
     code, err = cli(train_module, tiny_run_args(run, tiny_corpus, *RESUMABLE, *changed), capsys)
     assert code == 2, err
-    assert_one_sentence(err, "run.seed", "train.micro_batch_size", "optim.name", "7", "8")
+    assert_one_sentence(
+        err,
+        "run.seed 7 (checkpoint) vs 8 (this run)",
+        "train.micro_batch_size 2 (checkpoint) vs 1 (this run)",
+        "data.weights None (checkpoint) vs [1.0] (this run)",
+        "optim.name 'adamw' (checkpoint) vs 'ellis-adam' (this run)",
+        "optim.no_decay ['norm', 'bias', 'embedding'] (checkpoint) vs ['norm'] (this run)",
+    )
     assert snapshot(run) == before
     # settings that may change between segments (a longer run, a new learning rate) still resume
     code_ok = train_module.main(tiny_run_args(run, tiny_corpus, *RESUMABLE, "train.max_steps=6", "optim.lr=1e-3"))
