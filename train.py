@@ -27,7 +27,7 @@ from recpre.checkpoint import (
     check_resumable,
     check_same_shape,
     find_latest,
-    list_checkpoints,
+    refuse_to_overwrite,
     resolve_checkpoint,
 )
 from recpre.errors import UserError, run_cli
@@ -174,22 +174,14 @@ def find_resume(settings: Any, run_dir: Path, config: Any) -> Path | None:
     resume = str(settings.run.resume)
     root = run_dir / CHECKPOINTS_DIR
     if resume == "never":
-        if list_checkpoints(root):
-            raise UserError(
-                f"{run_dir} already holds checkpoints and run.resume=never; set run.resume=auto to continue it, "
-                "or choose another run.name / run.out_dir"
-            )
+        refuse_to_overwrite(run_dir, resume)
         return None
     ckpt = find_latest(root) if resume == "auto" else resolve_checkpoint(resume)
-    if ckpt is None and list_checkpoints(root):
-        # Starting over would overwrite metrics.jsonl and, with checkpoint.keep, prune the damaged checkpoints.
-        raise UserError(
-            f"none of the checkpoints in {root} verifies (see the warnings above); restore a good one, set "
-            "run.resume to a checkpoint folder, or move them away to start this run over"
-        )
-    if ckpt is not None:
-        check_same_shape(ckpt, config.to_dict())
-        check_resumable(ckpt, settings_to_yaml(settings))
+    if ckpt is None:  # nothing verifies: a folder holding an earlier attempt's checkpoints is never restarted
+        refuse_to_overwrite(run_dir, resume)
+        return None
+    check_same_shape(ckpt, config.to_dict())
+    check_resumable(ckpt, settings_to_yaml(settings))
     return ckpt
 
 

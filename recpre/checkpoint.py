@@ -18,6 +18,7 @@ falls back to the previous complete checkpoint with a warning that names the bad
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +245,12 @@ def find_latest(root: Path) -> Path | None:
 
     A bad one (torn, corrupt, missing files) is skipped with a warning that names it.
     """
-    for folder in _latest_candidates(Path(root)):
+    root = Path(root)
+    if root.is_dir():  # torn folders (no manifest) are not candidates at all, but say so
+        for folder in sorted(root.iterdir()):
+            if _STEP_RE.match(folder.name) and folder.is_dir() and not (folder / MANIFEST_FILE).is_file():
+                warnings.warn(f"skipping bad checkpoint {folder}: it has no {MANIFEST_FILE}", stacklevel=2)
+    for folder in _latest_candidates(root):
         try:
             verify_checkpoint(folder)
             return folder
@@ -275,7 +282,128 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
+# -- what an earlier attempt left ------------------------------------------------------------------------
+
+_ASIDE_RE = re.compile(r"^\.old-step-(\d{8,})$")
+
+
+def earlier_attempt(run_dir: Path) -> dict[str, Any]:
+    """What an earlier attempt left in `run_dir` that a fresh start would overwrite or prune.
+
+    `folders`: checkpoint folders (step-N, and .old-step-N set aside by a re-save), whatever their state;
+    `without_manifest`: those of them with no manifest.json; `saved`: steps of the checkpoints metrics.jsonl
+    records as saved; `last_step`: the last training step it records (0 when none).
+    """
+    from recpre.monitor import METRICS_FILE, read_metrics
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    folders = []
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.is_dir() and (_STEP_RE.match(path.name) or _ASIDE_RE.match(path.name)):
+                folders.append(path)
+    folders.sort(key=lambda p: (int(p.name.rsplit("-", 1)[1]), p.name))
+    rows = read_metrics(Path(run_dir) / METRICS_FILE)
+    return {
+        "folders": [p.name for p in folders],
+        "without_manifest": [p.name for p in folders if not (p / MANIFEST_FILE).is_file()],
+        "saved": [r["step"] for r in rows if r.get("event") == "checkpoint" and isinstance(r.get("step"), int)],
+        "last_step": max((r["step"] for r in rows if "loss" in r and isinstance(r.get("step"), int)), default=0),
+    }
+
+
+def _describe(found: dict[str, Any], root: Path) -> str:
+    parts = []
+    if found["folders"]:
+        names = found["folders"]
+        span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+        missing = (
+            f", {len(found['without_manifest'])} of them without {MANIFEST_FILE}" if found["without_manifest"] else ""
+        )
+        parts.append(f"{len(names)} checkpoint folder{'s' * (len(names) > 1)} in {root} ({span}{missing})")
+    if found["saved"]:
+        parts.append(
+            f"a metrics.jsonl that records {found['last_step']} training steps and checkpoints saved at steps "
+            + ", ".join(map(str, found["saved"]))
+        )
+    return " and ".join(parts)
+
+
+def refuse_to_overwrite(run_dir: Path, resume: str) -> None:
+    """Refuse to start `run_dir` over when an earlier attempt left checkpoints (verifiable or not) or a record of
+    saved ones: a fresh start would rewrite metrics.jsonl and, with checkpoint.keep, prune those folders.
+
+    An attempt that died before its first checkpoint left only training rows; they are replaced, with a warning.
+    """
+    found = earlier_attempt(run_dir)
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if found["folders"] or found["saved"]:
+        if resume == "never":
+            why, remedy = "run.resume=never", "set run.resume=auto to continue it"
+        elif found["folders"]:
+            why = "none of the checkpoints in it verifies (see the warnings above)"
+            remedy = "restore a complete checkpoint or set run.resume to one"
+        else:
+            why, remedy = "the checkpoints it records are gone", "restore them or set run.resume to one"
+        raise UserError(
+            f"{run_dir} holds an earlier attempt of this run ({_describe(found, root)}) but {why}, and starting "
+            f"over would overwrite it: {remedy}, or start over deliberately in a new folder (another run.out_dir, "
+            "with run.resume=never)"
+        )
+    if found["last_step"]:
+        warnings.warn(
+            f"{run_dir}/metrics.jsonl records {found['last_step']} training steps of an attempt that ended before "
+            "its first checkpoint; starting over from step 0 and replacing them",
+            stacklevel=2,
+        )
+
+
 # -- saving ---------------------------------------------------------------------------------------------
+
+_OS_ERROR_IN_MESSAGE = re.compile(r"os error (\d+)|errno (\d+)", re.IGNORECASE)
+_PROBE_BYTES = 1 << 20
+
+
+def _write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Run one writer; a failed write comes out as an OSError naming the file and the cause.
+
+    The writers do not all raise OSError on a full disk: safetensors raises SafetensorError ("... os error 28"),
+    torch.save a RuntimeError that carries no errno at all ("unexpected pos 704 vs 662"). Without an errno the
+    filesystem is asked directly: a probe write that fails there gives the cause (ENOSPC, EDQUOT, EROFS, EIO).
+    An error the filesystem does not explain (a bug, an object that cannot be saved) is raised unchanged.
+    """
+    try:
+        write(path)
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
+    except Exception as err:
+        code = _errno_in_message(err) or _probe_write(path.parent)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
+def _errno_in_message(err: BaseException) -> int | None:
+    found = _OS_ERROR_IN_MESSAGE.search(str(err))
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+def _probe_write(folder: Path) -> int | None:
+    """The errno with which `folder`'s filesystem refuses a 1 MiB write now; None when it takes it."""
+    probe = folder / f".probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * _PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        return err.errno
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    return None
 
 
 def save_checkpoint(
@@ -306,6 +434,8 @@ def save_checkpoint(
     except OSError as err:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+            for leftover in root.glob(f".{LATEST}.tmp-*"):
+                leftover.unlink(missing_ok=True)
         pointer = root / LATEST
         previous = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
         kept = f"the previous checkpoint {previous} is untouched" if previous else "no earlier checkpoint exists"
@@ -341,16 +471,15 @@ def _save_checkpoint(
     if world > 1:
         fabric.barrier()
     if rank != 0:
-        torch.save(rank_state, tmp / rank_file(rank))
+        _write_file(tmp / rank_file(rank), lambda path: torch.save(rank_state, path))
     else:
         if isinstance(model, nn.Module):
-            save_model(unwrap_model(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+            weights, write = unwrap_model(model), save_model
         else:  # full weights (SimpleFabric.full_state_dict): a module's state_dict holds tied tensors once
-            weights = {k: v.contiguous() for k, v in model.items()}
-            save_file(weights, str(tmp / MODEL_FILE), metadata={"step": str(step)})
-        torch.save(
-            {"format": FORMAT_VERSION, "step": step, "world_size": world, **state, "rank": rank_state}, tmp / STATE_FILE
-        )
+            weights, write = {k: v.contiguous() for k, v in model.items()}, save_file
+        _write_file(tmp / MODEL_FILE, lambda path: write(weights, str(path), metadata={"step": str(step)}))
+        shared = {"format": FORMAT_VERSION, "step": step, "world_size": world, **state, "rank": rank_state}
+        _write_file(tmp / STATE_FILE, lambda path: torch.save(shared, path))
         (tmp / SETTINGS_FILE).write_text(settings_yaml, encoding="utf-8")
         (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=1, sort_keys=True), encoding="utf-8")
     if world > 1:

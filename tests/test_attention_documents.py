@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from recpre.attention import attention_mask
@@ -61,7 +60,8 @@ def test_random_rows_agree_with_a_python_loop():
 
 def test_agrees_with_the_data_package_helpers():
     """recpre.data.documents (the loader side) and this module must cut documents the same way."""
-    data_docs = pytest.importorskip("recpre.data.documents")
+    from recpre.data import documents as data_docs
+
     ids = torch.randint(0, 5, (3, 40), generator=torch.Generator().manual_seed(3))
     assert torch.equal(data_docs.document_ids(ids, EOS), document_ids(ids, EOS))
     assert torch.equal(data_docs.document_position_ids(ids, EOS), document_positions(document_ids(ids, EOS)))

@@ -125,13 +125,25 @@ def test_loglikelihood_rolling_sums_every_token_once(lm):
     with torch.no_grad():
         logp = F.log_softmax(lm.model(ids, num_steps=3).logits[0], dim=-1)
     assert rolled == pytest.approx(float(logp.gather(-1, torch.tensor(tokens)[:, None]).sum()), rel=1e-5)
-    # a text of several windows: total = windows scored independently; equals summing its two halves' windows
+    # a text of several windows: every token is scored once, each with the block_size tokens before it (EOS
+    # before the first) as context; the total is the sum over tokens, computed here window by window by hand
     long_text = "x = [i * i for i in range(100)]\n" * 12
-    n = len(lm.tokenizer.encode(long_text))
-    assert n > 3 * lm.block_size
+    tokens = lm.tokenizer.encode(long_text)
+    n, block = len(tokens), lm.block_size
+    assert n > 3 * block and n % block != 0  # a short last window too
     (total,) = lm.loglikelihood_rolling([request(long_text)])
-    per_token = total / n
-    assert -12 < per_token < 0
+    by_hand, scored = 0.0, 0
+    for end in [*range(block, n, block), n]:
+        start = scored  # tokens[start:end] are predicted by this window
+        inputs = [lm.tokenizer.eos_id, *tokens[: end - 1]][-block:]
+        targets = tokens[end - len(inputs) : end]
+        with torch.no_grad():
+            logp = F.log_softmax(lm.model(torch.tensor([inputs]), num_steps=3).logits[0], dim=-1)
+        picked = logp.gather(-1, torch.tensor(targets)[:, None])[:, 0]
+        by_hand += float(picked[len(targets) - (end - start) :].sum())
+        scored = end
+    assert scored == n
+    assert total == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_generate_until_stops_at_the_stop_string(lm):

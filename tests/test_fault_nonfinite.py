@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import tiny_run_args
 
-from recpre.checkpoint import find_latest, list_checkpoints, verify_checkpoint
+from recpre.checkpoint import find_latest, list_checkpoints, load_state, verify_checkpoint
 from recpre.monitor import read_metrics
 
 ACCUM = 2  # world batch 4 / micro-batch 2 on one rank
@@ -30,6 +30,12 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def moments(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the optimizer state (moments and step counters), by parameter index and name."""
+    state = load_state(folder)["optimizer"]["state"]
+    return {f"{i}.{name}": value for i, s in state.items() for name, value in s.items()}
 
 
 def rows(run: Path) -> dict[int, dict]:
@@ -73,11 +79,14 @@ def inject(monkeypatch, train_module, kind: str, bad_steps) -> None:
 
 
 @pytest.mark.parametrize("kind", ["nan-loss", "inf-loss", "inf-grad"])
-def test_a_nonfinite_step_is_skipped_and_counted(kind, train_module, tiny_corpus, tmp_path, monkeypatch):
+def test_a_nonfinite_step_is_skipped_and_counted(kind, train_module, tiny_corpus, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     inject(monkeypatch, train_module, kind, {3})
     extra = ["train.max_steps=5", "checkpoint.interval=1", "checkpoint.keep=10", "eval.interval=0"]
-    assert train_module.main(tiny_run_args(run, tiny_corpus, *extra)) == 0
+    capsys.readouterr()
+    assert train_module.main(tiny_run_args(run, tiny_corpus, *extra, "log.progress=lines")) == 0
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("summary: ")]
+    assert len(summary) == 1 and "skipped_steps 1," in summary[0], summary
 
     skipped = events(run, "skipped_step")
     assert [s["step"] for s in skipped] == [3] and skipped[0]["skipped_steps"] == 1
@@ -92,6 +101,10 @@ def test_a_nonfinite_step_is_skipped_and_counted(kind, train_module, tiny_corpus
     root = run / "checkpoints"
     assert same(weights(root / "step-00000002"), weights(root / "step-00000003")), "step 3 must not change weights"
     assert not same(weights(root / "step-00000003"), weights(root / "step-00000004")), "training goes on"
+    before, after = moments(root / "step-00000002"), moments(root / "step-00000003")
+    assert before.keys() == after.keys() and len(before) > 0
+    assert all(torch.equal(before[k], after[k]) for k in before), "step 3 must not change the optimizer state"
+    assert not same(after, moments(root / "step-00000004")), "the next good step updates it"
     for folder in list_checkpoints(root):
         assert all(torch.isfinite(t).all() for t in weights(folder).values()), folder
 

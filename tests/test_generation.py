@@ -177,8 +177,22 @@ def test_bounded_cache_shares_slots_across_steps():
     assert cache.core_slots() == 2 and len(cache) == 6
     forward_last(model, ids[:, :1], positions=pos[:, :1] + 6, cache=cache, num_steps=6)
     assert cache.core_slots() == 2 and all(k.shape[-2] == 7 for k in cache.keys.values())
-    shared = generate(model, ids, max_new_tokens=6, num_steps=6, eos_id=-1, share_every=2)
-    assert shared.shape == full.shape
+    # Sharing changes what the core attends to: with longer prompts the greedy tokens differ from the full
+    # cache's, and they are exactly those of greedy decoding by hand through one shared cache.
+    ids = torch.tensor(prompts(60, (20, 20)))
+    pos = torch.arange(20).expand(2, 20)
+    full = generate(model, ids, max_new_tokens=12, num_steps=6, eos_id=-1)
+    shared = generate(model, ids, max_new_tokens=12, num_steps=6, eos_id=-1, share_every=2)
+    assert not torch.equal(shared, full)
+    by_hand, cache = ids.clone(), RecurrentKVCache(share_every=2)
+    step_ids, step_pos = ids, pos
+    for _ in range(12):
+        logits, _ = forward_last(model, step_ids, positions=step_pos, cache=cache, num_steps=6)
+        step_ids = logits.argmax(-1, keepdim=True)
+        step_pos = step_pos[:, -1:] + 1
+        by_hand = torch.cat([by_hand, step_ids], dim=1)
+    assert torch.equal(shared, by_hand)
+    assert cache.core_slots() == 2
 
 
 def test_adaptive_depth_refused_where_it_cannot_apply():

@@ -61,15 +61,21 @@ def test_resume_truncates_rows_after_the_checkpoint(tmp_path):
 def test_plot_without_rows_writes_nothing(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     assert plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
-def test_throughput_counts_only_timed_windows():
+def test_throughput_counts_only_timed_windows(monkeypatch):
+    """Time between stop() and the next start() (validation, checkpoints) and tokens of untimed work do not count."""
+    clock = iter([10.0, 12.0, 20.0, 21.0])
+    monkeypatch.setattr("recpre.monitor.time.perf_counter", lambda: next(clock))
     t = Throughput()
-    t.start()
-    t.stop(1000)
-    rate, seconds = t.rate()
-    assert rate > 0 and seconds > 0
-    assert t.rate() == (0.0, 0.0)
+    t.start()  # 10
+    t.stop(1000)  # 12: 2 s
+    t.stop(700)  # not started: untimed, not counted
+    t.start()  # 20 (8 s of validation before it)
+    t.stop(500)  # 21: 1 s
+    assert t.rate() == (1500 / 3, 3.0)
+    assert t.rate() == (0.0, 0.0)  # a new window
 
 
 def test_flops_at_depth_and_mfu():

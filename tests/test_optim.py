@@ -123,7 +123,7 @@ def reference_ellis(params, grad_seq, lrs, lr0, b1, b2, eps, wd, clipping):
                 rms = (g / (v[i].sqrt() + eps)).pow(2).mean().sqrt()
                 u = u / max(1.0, float(rms))
             params[i] = params[i] * (1 - (lr / lr0) * wd) - lr * u
-    return params
+    return params, m, v
 
 
 @pytest.mark.parametrize("clipping", [True, False])
@@ -143,11 +143,14 @@ def test_ellis_adam_matches_float64_reference(clipping):
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
-    want = reference_ellis(init, grad_seq, lrs, lr0, b1, b2, eps, wd, clipping)
+    want, want_m, want_v = reference_ellis(init, grad_seq, lrs, lr0, b1, b2, eps, wd, clipping)
     for p, w in zip(params, want):
         torch.testing.assert_close(p.detach(), w, atol=1e-12, rtol=1e-12)
-    # state is the running moments, untouched by clipping
-    assert torch.equal(opt.state[params[0]]["exp_avg_sq"], opt.state[params[0]]["exp_avg_sq"].clamp_min(0))
+    # the state holds the running moments of the raw gradients, untouched by clipping or weight decay
+    for p, m, v in zip(params, want_m, want_v):
+        assert opt.state[p]["step"] == steps
+        torch.testing.assert_close(opt.state[p]["exp_avg"], m, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], v, atol=1e-12, rtol=1e-12)
 
 
 def train(model, opt, steps, seed=0, loss_fn=None):
@@ -171,13 +174,12 @@ def test_loss_decreases_tiny(name):
 
 
 def _debug_model():
-    model_mod = pytest.importorskip("recpre.model")
-    config_mod = pytest.importorskip("recpre.config")
-    if not hasattr(model_mod, "build_model"):
-        pytest.skip("recpre.model.build_model not available yet")
+    from recpre.config import ModelConfig
+    from recpre.model import build_model
+
     torch.manual_seed(0)
-    config = config_mod.ModelConfig.from_name("debug-recurrent")
-    return model_mod.build_model(config), config
+    config = ModelConfig.from_name("debug-recurrent")
+    return build_model(config), config
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -252,3 +254,81 @@ def test_ellis_weight_decay_follows_schedule():
     opt.step()
     assert torch.allclose(p.detach(), torch.full((4,), 1 - 0.005), atol=0, rtol=1e-7)
     assert math.isclose(opt.param_groups[0]["initial_lr"], 0.1)
+
+
+def newton_schulz_float64(u: torch.Tensor, steps=5, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7):
+    """Muon's quintic Newton-Schulz orthogonalization (Keller Jordan's coefficients), in float64."""
+    a, b, c = coefficients
+    x = u.double()
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / x.norm().clamp_min(eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def reference_muon_steps(grads, lrs, shape, momentum=0.95):
+    """The documented rule in float64, as (decay factor per wd, update) per step: B <- mu B + (1 - mu) g;
+    Nesterov u = (1 - mu) g + mu B; p <- p (1 - lr wd) - lr 0.2 sqrt(max(A, B)) NS(u) ("match_rms_adamw")."""
+    buf, steps = torch.zeros(shape, dtype=torch.float64), []
+    for g, lr in zip(grads, lrs):
+        g = g.double()
+        buf = momentum * buf + (1 - momentum) * g
+        u = (1 - momentum) * g + momentum * buf
+        steps.append((lr, lr * 0.2 * math.sqrt(max(shape)) * newton_schulz_float64(u)))
+    return steps
+
+
+def test_muon_update_matches_a_float64_reference():
+    """Muon orthogonalizes in bfloat16, so the match is to ~2% of a step; a wrong rule (no Nesterov, the
+    'original' lr adjustment, no weight decay) misses by 10-40%."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    lr, wd = 0.02, 1.0
+    opt = build_optimizer(model, settings("muon", lr=lr, weight_decay=wd, muon_lr=lr))
+    matrices = {"fc": model.fc.weight, "proj": model.proj.weight}  # 64 x 32 and 32 x 64
+    start = {k: w.detach().clone() for k, w in matrices.items()}
+    g = torch.Generator().manual_seed(3)
+    grads = {k: [torch.randn(w.shape, generator=g) for _ in range(4)] for k, w in matrices.items()}
+    lrs = [lr, lr / 2, lr / 4, lr]
+    seen = {k: [] for k in matrices}
+    for t, step_lr in enumerate(lrs):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        for k, w in matrices.items():
+            w.grad = grads[k][t].clone()
+        for group in opt.param_groups:
+            group["lr"] = step_lr
+        opt.step()
+        for k, w in matrices.items():
+            seen[k].append(w.detach().double().clone())
+    for k in matrices:
+        for t, (step_lr, update) in enumerate(reference_muon_steps(grads[k], lrs, start[k].shape)):
+            before = start[k].double() if t == 0 else seen[k][t - 1]
+            want = before * (1 - step_lr * wd) - update
+            assert (seen[k][t] - want).abs().max() < 0.04 * (want - before).abs().max(), (k, t)
+
+
+def test_weight_decay_is_decoupled_for_muon_and_adamw_groups():
+    """A step with zero gradients only decays: p <- p (1 - lr wd) in the decay groups (Muon's matrices and AdamW's),
+    exactly, and leaves the no-decay parameters (embedding, norms, biases) untouched."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    lr, wd = 0.01, 0.3
+    opt = build_optimizer(model, settings("muon", lr=lr, weight_decay=wd, muon_lr=0.05))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        group = groups[id(p)]
+        if group["weight_decay"] == 0.0:
+            assert name in ("wte.weight", "fc.bias", "norm.weight", "norm.bias")
+            assert torch.equal(p.detach(), before[name]), name
+        else:
+            factor = 1 - group["lr"] * wd  # Muon's own lr for its matrices, AdamW's for the head
+            torch.testing.assert_close(p.detach(), before[name] * factor, rtol=1e-6, atol=0)
+    assert {g["lr"] for g in opt.param_groups if g["muon"]} == {0.05}

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -114,34 +115,161 @@ def test_a_pickle_in_place_of_the_weights_is_refused(finished, tmp_path):
     assert not marker.exists()
 
 
-def _load_calls(tree: ast.AST):
+def test_a_pickle_in_place_of_the_weights_is_refused_on_resume(train_module, tiny_corpus, finished, tmp_path, capsys):
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    shutil.copytree(finished, run)
+    folder = run / "checkpoints" / "step-00000004"
+    plant(folder / "model.safetensors", marker)
+    reseal(folder)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: train_module.main(tiny_run_args(run, tiny_corpus, "train.max_steps=6", "eval.interval=0")))
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the payload ran"
+    assert exited.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "model.safetensors" in lines[0], err
+    assert "not a valid safetensors file" in lines[0], err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_a_pickle_payload_in_a_rank_file_is_refused_on_resume(tiny_corpus, tmp_path):
+    """A real 2-rank run (torchrun, gloo) whose rank-00001.pt is replaced by a live payload and resealed: rank 1
+    refuses it with one sentence and exit code 2 on resume, and the payload never runs."""
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    args = tiny_run_args(run, tiny_corpus, "train.max_steps=4", "checkpoint.interval=2", "eval.interval=0")
+
+    def torchrun(*extra: str) -> subprocess.CompletedProcess:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+        return subprocess.run([*cmd, "train.py", *args, *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    first = torchrun()
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = run / "checkpoints" / "step-00000004"
+    rank_state = torch.load(folder / "rank-00001.pt", weights_only=True)
+    plant(folder / "rank-00001.pt", marker, rank_state)
+    reseal(folder)
+    resumed = torchrun("train.max_steps=6")
+    assert not marker.exists(), "the payload ran"
+    assert resumed.returncode != 0
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "rank-00001.pt" in errors[0] and "weights_only" in errors[0], resumed.stderr[-3000:]
+    assert "exitcode  : 2 " in resumed.stderr, resumed.stderr[-3000:]
+
+
+# Callables that unpickle whatever they are given, spelled with their full module path.
+UNPICKLERS = {
+    f"{module}.{name}"
+    for module in ("pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib")
+    for name in ("load", "loads", "Unpickler")
+} | {"pandas.read_pickle", "torch.serialization._load", "numpy.lib.format.read_array"}
+TORCH_LOADS = {"torch.load", "torch.serialization.load"}
+NUMPY_LOADS = {"numpy.load"}
+
+
+def _aliases(tree: ast.AST) -> dict[str, str]:
+    """Local name -> full dotted name, from every `import a.b as c` and `from a.b import c as d` in the file."""
+    names = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-            owner = node.func.value
-            name = f"{owner.id}.{node.func.attr}" if isinstance(owner, ast.Name) else node.func.attr
-            yield name, node
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                names[alias.asname or alias.name.split(".")[0]] = (
+                    alias.name if alias.asname else alias.name.split(".")[0]
+                )
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return names
+
+
+def _dotted(node: ast.AST, aliases: dict[str, str]) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(aliases.get(node.id, node.id))
+    return ".".join(reversed(parts))
+
+
+def unpickling_offenders(source: str, where: str) -> list[str]:
+    """Every use of an unpickler in `source`, however it is imported or spelled: a torch.load call without
+    weights_only=True, a reference to torch.load that is not such a call, any pickle/dill/joblib loader or
+    Unpickler (called, subclassed or passed around), np.load(allow_pickle=True)."""
+    tree = ast.parse(source)
+    aliases = _aliases(tree)
+    checked = set()  # the torch.load callees judged above by their weights_only argument
+    offenders = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func, aliases)
+        kwargs = {k.arg: k.value for k in node.keywords}
+        if name in TORCH_LOADS:
+            checked.add(id(node.func))
+            value = kwargs.get("weights_only")
+            if not (isinstance(value, ast.Constant) and value.value is True):
+                offenders.append(f"{where}:{node.lineno} {name} without weights_only=True")
+        elif name in NUMPY_LOADS:
+            value = kwargs.get("allow_pickle")
+            if isinstance(value, ast.Constant) and value.value is True:
+                offenders.append(f"{where}:{node.lineno} numpy.load(allow_pickle=True)")
+    for node in ast.walk(tree):  # any other mention: called, subclassed, assigned or passed around
+        if id(node) in checked or not isinstance(node, ast.Attribute | ast.Name):
+            continue
+        if isinstance(node.ctx, ast.Load) and _dotted(node, aliases) in UNPICKLERS | TORCH_LOADS:
+            offenders.append(f"{where}:{node.lineno} {_dotted(node, aliases)}")
+    return sorted(set(offenders))
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "import torch\ntorch.load(path)",
+        "import torch\ntorch.load(path, weights_only=False)",
+        "import torch as t\nt.load(path)",
+        "from torch import load\nload(path)",
+        "from torch import load as read\nread(path)",
+        "import torch\ntorch.serialization.load(path)",
+        "from torch.serialization import load\nload(path)",
+        "from torch import serialization\nserialization.load(path)",
+        "import torch\nreader = torch.load\nreader(path, weights_only=True)",
+        "import pickle\npickle.load(f)",
+        "import pickle\npickle.Unpickler(f).load()",
+        "from pickle import Unpickler\nclass Reader(Unpickler):\n    pass",
+        "from pickle import loads as l\nl(data)",
+        "import _pickle\n_pickle.loads(data)",
+        "import numpy as np\nnp.load(path, allow_pickle=True)",
+        "import pandas as pd\npd.read_pickle(path)",
+    ],
+)
+def test_the_static_guard_catches_every_spelling_of_an_unpickler(snippet):
+    assert unpickling_offenders(snippet, "snippet"), snippet
+
+
+def test_the_static_guard_accepts_safe_loading():
+    safe = (
+        "import torch\nfrom torch import load\nimport pickle\nimport numpy as np\n"
+        "torch.load(p, map_location='cpu', weights_only=True)\nload(p, weights_only=True)\n"
+        "except_type = pickle.UnpicklingError\nnp.load(p)\n"
+    )
+    assert unpickling_offenders(safe, "safe") == []
 
 
 def test_no_code_path_unpickles_without_weights_only():
-    """Static guard: every torch.load passes weights_only=True; no pickle.load, no numpy allow_pickle."""
+    """Static guard over the product's code: every spelling of torch.load passes weights_only=True; no pickle
+    loader or Unpickler in any form, no numpy allow_pickle."""
     folders = ["recpre", "evaluate", "scripts", "launchers", "benchmarks"]
     files = [REPO / "train.py"] + [p for f in folders if (REPO / f).is_dir() for p in sorted((REPO / f).rglob("*.py"))]
     offenders = []
     for path in files:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for name, call in _load_calls(tree):
-            where = f"{path.relative_to(REPO)}:{call.lineno}"
-            kwargs = {k.arg: k.value for k in call.keywords}
-            if name == "torch.load":
-                value = kwargs.get("weights_only")
-                if not (isinstance(value, ast.Constant) and value.value is True):
-                    offenders.append(f"{where} torch.load without weights_only=True")
-            elif name in ("pickle.load", "pickle.loads", "dill.load", "cloudpickle.load"):
-                offenders.append(f"{where} {name}")
-            elif name in ("np.load", "numpy.load"):
-                value = kwargs.get("allow_pickle")
-                if isinstance(value, ast.Constant) and value.value is True:
-                    offenders.append(f"{where} np.load(allow_pickle=True)")
+        offenders += unpickling_offenders(path.read_text(encoding="utf-8"), str(path.relative_to(REPO)))
     assert not offenders, offenders
     assert len(files) > 20
 

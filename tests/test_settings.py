@@ -4,7 +4,6 @@ that names the key and the file."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import textwrap
 from pathlib import Path
 
@@ -20,9 +19,6 @@ from recpre.settings import (
     settings_to_yaml,
     validate_for_world,
 )
-
-HAS_MODEL_CONFIG = importlib.util.find_spec("recpre.config") is not None
-needs_model_config = pytest.mark.skipif(not HAS_MODEL_CONFIG, reason="recpre.config (ModelConfig) not written yet")
 
 MINIMAL = """
 run:
@@ -336,27 +332,23 @@ def test_secret_env_vars_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert "hunter2" not in msg
 
 
-@needs_model_config
 def test_unknown_model_name_close_matches(cfg: Path) -> None:
     msg = error_of(cfg, ["model.name=debug-recurent"])
     assert "model.name" in msg and "override" in msg and "debug-recurrent" in msg
 
 
-@needs_model_config
 def test_unknown_model_name_in_file(tmp_path: Path) -> None:
     path = write(tmp_path, "m.yaml", MINIMAL + "model:\n  name: magpie-15m\n")
     msg = error_of(path)
     assert "model.name" in msg and "m.yaml" in msg and "magpie-150m" in msg
 
 
-@needs_model_config
 def test_unknown_model_override_field(tmp_path: Path) -> None:
     path = write(tmp_path, "m.yaml", MINIMAL + "model:\n  overrides:\n    n_embdd: 64\n")
     msg = error_of(path)
     assert "n_embdd" in msg and "m.yaml" in msg and "model.overrides" in msg
 
 
-@needs_model_config
 def test_max_tokens_budget_checked_against_block_size(cfg: Path) -> None:
     # debug-recurrent: 16 sequences x block_size tokens per step; 1000 tokens is less than one step.
     msg = error_of(None, ["train.max_steps=null", "train.max_tokens=1000"])
@@ -436,7 +428,6 @@ def test_runtime_model_keys_not_in_overrides(cfg: Path) -> None:
     assert "model.overrides.attention" in msg and "model.attention" in msg and "override" in msg
 
 
-@needs_model_config
 def test_model_config_combines_name_overrides_and_runtime(cfg: Path) -> None:
     s = load_settings(cfg, ["model.overrides.n_embd=64", "model.attention=eager", "model.fused_head=chunked"])
     mc = model_config(s)
