@@ -305,7 +305,7 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, compile_sweep:
         restore(ckpt, settings, fabric, model, optimizer, progress, guard, loader)
     if fabric.strategy == "xla":  # -- xla: optimizer state and weights in steady-state form (recpre/xla.py)
         xla_helpers.prepare_training(optimizer, [p for p in model.parameters() if p.requires_grad])
-        fabric.unwrap(model).recurrence_boundary = xla_helpers.cut  # one graph per no-grad iteration, any n
+        fabric.unwrap(model).set_recurrence_boundary(xla_helpers.cut)  # one graph per no-grad iteration, any n
     if settings.model.compile:
         compile_blocks(fabric.unwrap(model))  # per block: one graph whatever the sampled depth
 
