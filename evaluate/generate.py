@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recpre.errors import UserError, run_cli  # noqa: E402
+from recpre.generation import EXIT_CRITERIA  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every token")
     p.add_argument("--adaptive", type=float, default=None, help="adaptive depth: stop iterating below this change")
-    p.add_argument("--criterion", choices=["kl", "state"], default="kl", help="adaptive depth test")
+    p.add_argument("--criterion", choices=list(EXIT_CRITERIA), default="kl", help="adaptive exit criterion")
     p.add_argument("--share-every", type=int, default=None, help="bounded cache: m core slots per block")
     p.add_argument("--state-init", choices=["zero", "like-init"], default="zero", help="initial recurrent state")
     p.add_argument("--device", default="cpu")
