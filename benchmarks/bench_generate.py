@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from recpre.errors import UserError, run_cli  # noqa: E402
+from recpre.generation import EXIT_CRITERIA  # noqa: E402
 
 
 def load(args):
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--depths", default="1,2,4,6,8,12,16")
     p.add_argument("--thresholds", default="0.1,0.03,0.01,0.003")
-    p.add_argument("--criterion", choices=["kl", "state"], default="kl")
+    p.add_argument("--criterion", choices=list(EXIT_CRITERIA), default="kl")
     p.add_argument("--docs", type=int, default=8)
     p.add_argument("--doc-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)

@@ -23,8 +23,11 @@ STATE_INITS = ("like-init", "zero")
 # (what training samples is `train.recurrence`, recpre/recurrence.py). Checkpoints load whatever they are.
 RUNTIME_FIELDS = ("name", "attention", "fused_head", "activation_checkpointing")
 RECURRENCE_DEFAULTS = ("mean_recurrence", "mean_backprop_depth", "sampling_scheme", "lockstep")
+# takase: std sqrt(2/(5h)), truncated normal; scaled: std 0.02 (GPT baselines); scaled-orthogonal: the Huginn
+# reference's "scaled" init with init_orthogonal (std sqrt(2/(5h)), orthogonal matrices; pair it with embedding
+# scale 1, as the reference does). Output projections use std / sqrt(2 * effective_depth) in all three.
+INIT_STRATEGIES = ("takase", "scaled", "scaled-orthogonal")
 FUSED_HEADS = ("none", "chunked")
-INIT_STRATEGIES = ("takase", "scaled")
 
 
 @dataclass
@@ -56,7 +59,7 @@ class ModelConfig:
     qk_bias: bool = True  # learnable q/k bias [2, 1, heads, head_dim], added before RoPE
     bias: bool = False  # biases in every linear layer
     tie_embeddings: bool = True
-    init_strategy: str = "takase"  # "takase" | "scaled"
+    init_strategy: str = "takase"  # "takase" | "scaled" | "scaled-orthogonal"
     embedding_scale: float | None = None  # None = sqrt(n_embd)
     bos_id: int | None = None
     eos_id: int | None = None
@@ -130,7 +133,7 @@ class ModelConfig:
 
     @property
     def init_std(self) -> float:
-        if self.init_strategy == "takase":
+        if self.init_strategy in ("takase", "scaled-orthogonal"):
             return math.sqrt(2 / (5 * self.n_embd))
         return 0.02
 

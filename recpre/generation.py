@@ -1,129 +1,184 @@
 """Text generation: KV-cached incremental decoding, sampling, stop conditions and adaptive recurrence depth.
 
-The forward pass is composed here from the model's own pieces (embedding, blocks, `core_step`, head) rather than
-through `model.forward`, because decoding needs three things the training forward does not have: a padding mask
-for batched prompts of different lengths (left padding, expressed as document ids so real tokens never attend to
-padding), the head on the last position only, and a recurrence loop that can stop early per row.
+Decoding runs the model's own forward (`RecurrentGPT.iterate` / `GPT.forward`) with three options training does
+not use: a padding mask for batched prompts of different lengths (left padding), the head on the last position
+only, and, for adaptive depth, a per-iteration callback that measures convergence, freezes rows that stopped
+and ends the loop once every row has.
 
-Caches: GPT and fixed-depth recurrent decoding work with the model's strict `KVCache` semantics (one entry per block
-and recurrence step). `RecurrentKVCache` adds what adaptive depth and bounded memory need: a token that stopped
-iterating early lends its last computed core entry to the steps it skipped, and `share_every=m` keeps only m core
-slots per block (step j reads and writes slot j % m), so memory no longer grows with the recurrence depth.
+Caches: GPT decoding uses the model's strict `KVCache`; recurrent decoding uses `RecurrentKVCache`
+(recpre/recurrent_cache.py), whose lookup strategy says which entries stand in for recurrence steps an earlier
+token skipped, and whose `share_every=m` bounds memory to m iterations' slots per block.
+
+Adaptive exit follows the Huginn reference implementation (`generate_with_adaptive_compute` and the
+`*ExitEvaluator` classes of github.com/seal-rg/recurrent-pretraining, recpre/raven_modeling_minimal.py): the
+same criteria, thresholds, initial comparison values and check schedule. recpre's defaults differ in three
+safer choices, each reversible (`AdaptiveDepth.like_reference()` sets all three back): the prompt runs at full
+depth (the reference may exit during prefill, on a criterion averaged over the whole prompt), rows that stopped
+are frozen (the reference keeps iterating them, so a row's cache depends on its batch neighbours), and the
+cache lookup is `latest-m4` (the reference's default `full` drops skipped tokens from attention). See
+docs/huginn.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recpre import attention
 from recpre.errors import UserError
-from recpre.model import KVCache
+from recpre.model import Iteration, KVCache
+from recpre.recurrent_cache import RecurrentKVCache, parse_lookup
 
-STOP_CRITERIA = ("state", "kl")
+__all__ = [
+    "EXIT_CRITERIA",
+    "AdaptiveDepth",
+    "GenerationOutput",
+    "RecurrentKVCache",
+    "filter_logits",
+    "forward_last",
+    "generate",
+    "generate_with_info",
+    "sample_next",
+]
 
-
-class RecurrentKVCache(KVCache):
-    """KV cache for recurrent decoding with adaptive depth and optional slot sharing across recurrence steps.
-
-    Rules, applied per forward: an entry written twice for the same tokens keeps the last write (shared slots,
-    probe passes); at `advance` every core slot not written for the new tokens receives the entry of the last step
-    those tokens did compute (the "latest" rule); rows marked frozen (they stopped iterating) keep writing their
-    frozen entries, so results do not depend on which other rows share the batch.
-    """
-
-    def __init__(self, share_every: int | None = None) -> None:
-        super().__init__()
-        if share_every is not None and share_every < 1:
-            raise ValueError(f"share_every must be a positive integer, got {share_every}")
-        self.share_every = share_every
-        self._current: dict[int, tuple[Tensor, Tensor]] = {}  # core block -> new tokens' latest entry
-        self._frozen: Tensor | None = None  # [batch] bool
-        self._frozen_kv: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def slot(self, key: Hashable) -> Hashable:
-        if self.share_every and isinstance(key, tuple) and key[0] == "core":
-            return ("core", key[1] % self.share_every, key[2])
-        return key
-
-    def core_slots(self) -> int:
-        """Distinct core steps held per block (bounded by share_every)."""
-        return len({k[1] for k in self.keys if isinstance(k, tuple) and k[0] == "core"})
-
-    def past(self, key: Hashable) -> tuple[Tensor, Tensor] | None:
-        key = self.slot(key)
-        if not self.offset:
-            return None
-        if key not in self.keys:
-            if not (isinstance(key, tuple) and key[0] == "core"):
-                raise ValueError(f"KV cache has no entry for {key} but holds {self.offset} tokens")
-            # A step deeper than any earlier token ran: their latest step stands in for it.
-            lower = [k for k in self.keys if k[0] == "core" and k[2] == key[2] and k[1] < key[1]]
-            if not lower:
-                raise ValueError(f"KV cache has no core entry for block {key[2]} below step {key[1]}")
-            src = max(lower, key=lambda k: k[1])
-            self.keys[key], self.values[key] = self.keys[src], self.values[src]
-        k, v = self.keys[key], self.values[key]
-        return k[..., : self.offset, :], v[..., : self.offset, :]
-
-    def update(self, key: Hashable, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        is_core = isinstance(key, tuple) and key[0] == "core"
-        if is_core and self._frozen is not None and key[2] in self._frozen_kv:
-            fk, fv = self._frozen_kv[key[2]]
-            keep = self._frozen[:, None, None, None]
-            k, v = torch.where(keep, fk, k), torch.where(keep, fv, v)
-        if is_core:
-            self._current[key[2]] = (k, v)
-        past = self.past(key)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
-        slot = self.slot(key)
-        self.keys[slot], self.values[slot] = k, v
-        return k, v
-
-    def freeze(self, rows: Tensor) -> None:
-        """Rows (bool [batch]) that stop iterating now: later core steps reuse their latest entries."""
-        self._frozen = rows.clone()
-        self._frozen_kv = dict(self._current)
-
-    def advance(self, n: int) -> None:
-        end = self.offset + n
-        for key in [k for k in self.keys if isinstance(k, tuple) and k[0] == "core"]:
-            if self.keys[key].shape[-2] < end and key[2] in self._current:
-                ck, cv = self._current[key[2]]
-                self.keys[key] = torch.cat([self.keys[key][..., : self.offset, :], ck], dim=-2)
-                self.values[key] = torch.cat([self.values[key][..., : self.offset, :], cv], dim=-2)
-        self._current.clear()
-        self._frozen, self._frozen_kv = None, {}
-        self.offset = end
-
-    def reset(self) -> None:
-        super().reset()
-        self._current.clear()
-        self._frozen, self._frozen_kv = None, {}
+# criterion -> the reference's default threshold ("auto"). A row exits when the value drops below the threshold
+# (argmax-stability: when the argmax has been the same for at least `threshold` consecutive checks).
+EXIT_CRITERIA: dict[str, float] = {
+    "kl": 1e-3,  # KL(p_prev || p) of the last position's next-token distributions (p_prev starts uniform)
+    "minp-kl": 1e-5,  # the same KL after a min-p filter (p < 0.1 max p set to 1/V, renormalised)
+    "entropy-diff": 1e-3,  # |H(p) - H(p_prev)| (H_prev starts at 100)
+    "latent-diff": 0.03,  # ||s - s_prev|| / ||s||, averaged over the chunk's positions (s_prev starts at s0)
+    "cosine": 1e-3,  # 1 - cos(s, s_prev), averaged over positions
+    "argmax-stability": 5,  # consecutive checks with an unchanged argmax
+    "none": 0.0,  # never exit early
+}
 
 
 @dataclass
 class AdaptiveDepth:
-    """Stop iterating the core for a token once successive iterations agree.
+    """Stop iterating the core for a token once successive iterations agree (per row).
 
-    criterion "state": relative distance ||s_j - s_{j-1}|| / ||s_j|| of the last position's state;
-    "kl": KL(p_{j-1} || p_j) of the output distributions (runs the coda and head at every step).
+    `threshold` None takes the criterion's default (EXIT_CRITERIA). An exit is considered after at least
+    `min_steps` iterations and then every `check_every` iterations (the reference's min_steps is this minus one).
+    recpre's defaults: no exit during the prompt, stopped rows frozen, `latest-m4` cache lookup.
     """
 
-    threshold: float = 1e-3
+    threshold: float | None = None
     criterion: str = "kl"
     min_steps: int = 1
+    check_every: int = 1
+    exit_in_prefill: bool = False
+    freeze_exited: bool = True
+    cache_lookup: str = "latest-m4"
 
     def __post_init__(self) -> None:
-        if self.criterion not in STOP_CRITERIA:
-            raise UserError(f"adaptive depth criterion '{self.criterion}' is unknown; choose one of {STOP_CRITERIA}")
-        if self.threshold < 0 or self.min_steps < 1:
-            raise UserError("adaptive depth needs threshold >= 0 and min_steps >= 1")
+        if self.criterion not in EXIT_CRITERIA:
+            raise UserError(
+                f"adaptive depth criterion '{self.criterion}' is unknown; choose one of {', '.join(EXIT_CRITERIA)}"
+            )
+        if self.threshold is None:
+            self.threshold = EXIT_CRITERIA[self.criterion]
+        if self.threshold < 0 or self.min_steps < 1 or self.check_every < 1:
+            raise UserError("adaptive depth needs threshold >= 0, min_steps >= 1 and check_every >= 1")
+        parse_lookup(self.cache_lookup)
+
+    @classmethod
+    def like_reference(cls, criterion: str = "kl", threshold: float | None = None, **kwargs) -> AdaptiveDepth:
+        """The reference implementation's defaults: exit during prefill, stopped rows keep iterating, `full`."""
+        values = {"exit_in_prefill": True, "freeze_exited": False, "cache_lookup": "full", **kwargs}
+        return cls(threshold, criterion, **values)
+
+
+class _ExitMonitor:
+    """The per-iteration callback of one forward: the reference's exit evaluator, per row."""
+
+    def __init__(self, rule: AdaptiveDepth, vocab: int, steps: int, inactive: Tensor, real: Tensor | None, cache):
+        self.rule, self.vocab, self.cache = rule, vocab, cache
+        self.real = real  # [B, S] bool: positions that count in position averages (None = all)
+        self.done = inactive.clone()  # rows that need no more iterations (exited, or finished generating)
+        self.depth = torch.full(inactive.shape, steps, dtype=torch.long)
+        self.exit_logits: Tensor | None = None  # stopped rows' logits when they are not frozen
+        self.exited = torch.zeros_like(inactive)
+        self.memory: dict[str, Tensor] = {}
+
+    def __call__(self, it: Iteration) -> None:
+        rule = self.rule
+        if it.step == 0:
+            self._start(it.previous)
+        if rule.freeze_exited:
+            it.state = torch.where(self.done[:, None, None], it.previous, it.state)
+        j = it.step + 1 - rule.min_steps  # checks at iterations min_steps, min_steps + check_every, ...
+        if j < 0 or j % rule.check_every or rule.criterion == "none":
+            return
+        logits = it.readout(it.state) if _needs_logits(rule.criterion) else None
+        newly = self._check(it.state, logits) & ~self.done
+        if not bool(newly.any()):
+            return
+        self.depth[newly.cpu()] = it.step + 1
+        self.exited |= newly
+        if not rule.freeze_exited:
+            logits = it.readout(it.state) if logits is None else logits
+            self.exit_logits = logits.clone() if self.exit_logits is None else self.exit_logits
+            self.exit_logits[newly] = logits[newly]
+        self.done |= newly
+        if bool(self.done.all()):
+            it.stop = True
+        elif rule.freeze_exited:
+            self.cache.freeze(self.done)
+
+    def _start(self, s0: Tensor) -> None:
+        """The reference evaluators' initial comparison values."""
+        B = s0.shape[0]
+        self.memory = {
+            "log_probs": torch.full((B, self.vocab), 1 / self.vocab, device=s0.device).log(),
+            "entropy": torch.full((B,), 100.0, device=s0.device),
+            "argmax": torch.full((B,), -1, dtype=torch.long, device=s0.device),
+            "stable": torch.zeros(B, dtype=torch.long, device=s0.device),
+            "state": s0,
+        }
+
+    def _mean_over_positions(self, values: Tensor) -> Tensor:
+        if self.real is None:
+            return values.mean(dim=-1)
+        mask = self.real.to(values.dtype)
+        return (values * mask).sum(-1) / mask.sum(-1)
+
+    def _check(self, state: Tensor, logits: Tensor | None) -> Tensor:
+        c, m, threshold = self.rule.criterion, self.memory, self.rule.threshold
+        if c in ("latent-diff", "cosine"):
+            prev, m["state"] = m["state"], state
+            if c == "latent-diff":
+                return self._mean_over_positions((state - prev).norm(dim=-1) / state.norm(dim=-1)) < threshold
+            cosine = (state * prev).sum(dim=-1) / state.norm(dim=-1) / prev.norm(dim=-1)
+            return 1 - self._mean_over_positions(cosine) < threshold
+        logits = logits[:, : self.vocab].float()
+        if c == "argmax-stability":
+            current = logits.argmax(dim=-1)
+            m["stable"] = torch.where(current == m["argmax"], m["stable"] + 1, torch.zeros_like(m["stable"]))
+            m["argmax"] = current
+            return m["stable"] >= threshold
+        if c == "entropy-diff":
+            probs = logits.softmax(dim=-1)
+            entropy = -(probs * torch.log(probs + 1e-10)).sum(dim=-1)
+            values, m["entropy"] = (entropy - m["entropy"]).abs(), entropy
+            return values < threshold
+        log_probs = logits.log_softmax(dim=-1) if c == "kl" else _minp_log_probs(logits, self.vocab)
+        values = F.kl_div(log_probs, m["log_probs"], reduction="none", log_target=True).sum(dim=-1)
+        m["log_probs"] = log_probs
+        return values < threshold
+
+
+def _needs_logits(criterion: str) -> bool:
+    return criterion in ("kl", "minp-kl", "entropy-diff", "argmax-stability")
+
+
+def _minp_log_probs(logits: Tensor, vocab: int) -> Tensor:
+    probs = logits.softmax(dim=-1)
+    probs = torch.where(probs < 0.1 * probs.max(dim=-1, keepdim=True).values, 1 / vocab, probs)
+    return (probs / probs.sum(dim=-1, keepdim=True)).log()
 
 
 @dataclass
@@ -177,24 +232,6 @@ def sample_next(
 # ---- the decoding forward -------------------------------------------------------------------------------------
 
 
-def _context(model, input_ids: Tensor, positions: Tensor, key_mask: Tensor | None, cache: KVCache | None):
-    ctx = model._context(input_ids, None, positions, cache)
-    if key_mask is not None:
-        # Left padding as documents: pad = 0, real = 1; sdpa takes document masks with a short query block.
-        ctx.doc_ids = key_mask.long()
-        ctx.attn_fn = attention.get("sdpa")
-    return ctx
-
-
-def _coda_logits(model, s: Tensor, ctx) -> Tensor:
-    t = model.transformer
-    x = t.ln_f(s)
-    for i, block in enumerate(t.coda):
-        x = block(x, ctx, ("coda", 0, i))
-    x = t.ln_f(x)
-    return F.linear(x[:, -1], model.head_weight).float()
-
-
 def _vocab_mask(model, logits: Tensor) -> Tensor:
     """Padded embedding rows are not tokens: never predict them."""
     v = model.config.vocab_size
@@ -214,67 +251,29 @@ def forward_last(
     cache: KVCache | None = None,
     num_steps: int | None = None,
     adaptive: AdaptiveDepth | None = None,
+    finished: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Logits of the last position [B, V] and the recurrence steps used per row [B] (0 for GPT).
 
-    `key_mask` [B, past + S] marks real tokens (False = left padding), `positions` [B, S] their RoPE positions.
+    `key_mask` [B, past + S] marks real tokens (False = left padding), `positions` [B, S] their RoPE positions;
+    `finished` [B] marks rows whose output is no longer used (adaptive depth does not wait for them).
     """
     B = input_ids.shape[0]
-    ctx = _context(model, input_ids, positions, key_mask, cache)
-    t = model.transformer
-    x = model._embed(input_ids)
+    kwargs = dict(position_ids=positions, key_mask=key_mask, cache=cache, last_position_only=True)
     if not model.config.is_recurrent:
-        for i, block in enumerate(t.h):
-            x = block(x, ctx, ("h", 0, i))
-        x = t.ln_f(x)
-        if cache is not None:
-            cache.advance(input_ids.shape[1])
-        logits = F.linear(x[:, -1], model.head_weight).float()
-        return logits, torch.zeros(B, dtype=torch.long)
+        return model(input_ids, **kwargs).logits[:, -1], torch.zeros(B, dtype=torch.long)
     steps = model.config.mean_recurrence if num_steps is None else int(num_steps)
-    for i, block in enumerate(t.prelude):
-        x = block(x, ctx, ("prelude", 0, i))
-    e = x
-    s = model.initial_state(e)
-    depth = torch.full((B,), steps, dtype=torch.long)
     if adaptive is None:
-        for step in range(steps):
-            s = model.core_step(s, e, ctx, step)
-    else:
-        if not isinstance(cache, RecurrentKVCache):
-            raise ValueError("adaptive depth needs a RecurrentKVCache")
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        prev_logp = None
-        for step in range(steps):
-            s_new = model.core_step(s, e, ctx, step)
-            s_new = torch.where(done[:, None, None], s, s_new)
-            if adaptive.criterion == "state":
-                a, b = s_new[:, -1].float(), s[:, -1].float()
-                metric = (a - b).norm(dim=-1) / a.norm(dim=-1).clamp(min=1e-12)
-                if step == 0:
-                    metric = torch.full_like(metric, float("inf"))
-            else:
-                logp = _vocab_mask(model, _coda_logits(model, s_new, ctx)).log_softmax(-1)
-                if prev_logp is None:
-                    metric = torch.full((B,), float("inf"), device=logp.device)
-                else:
-                    p = prev_logp.exp()
-                    metric = torch.where(p > 0, p * (prev_logp - logp), torch.zeros_like(p)).sum(-1)
-                prev_logp = logp
-            s = s_new
-            if step + 1 < adaptive.min_steps or step + 1 == steps:
-                continue
-            newly = (metric < adaptive.threshold) & ~done
-            if newly.any():
-                depth[newly.cpu()] = step + 1
-                done = done | newly
-                if done.all():
-                    break
-                cache.freeze(done)
-    logits = _coda_logits(model, s, ctx)
-    if cache is not None:
-        cache.advance(input_ids.shape[1])
-    return logits, depth
+        return model(input_ids, num_steps=steps, **kwargs).logits[:, -1], torch.full((B,), steps, dtype=torch.long)
+    if not isinstance(cache, RecurrentKVCache):
+        raise ValueError("adaptive depth needs a RecurrentKVCache")
+    inactive = torch.zeros(B, dtype=torch.bool, device=input_ids.device) if finished is None else finished.clone()
+    real = None if key_mask is None else key_mask[:, -input_ids.shape[1] :]
+    monitor = _ExitMonitor(adaptive, model.config.vocab_size, steps, inactive.to(input_ids.device), real, cache)
+    logits = model(input_ids, num_steps=steps, on_step=monitor, **kwargs).logits[:, -1]
+    if monitor.exit_logits is not None:
+        logits = torch.where(monitor.exited[:, None], monitor.exit_logits, logits)
+    return logits, monitor.depth
 
 
 # ---- generate -------------------------------------------------------------------------------------------------
@@ -347,10 +346,13 @@ def generate_with_info(
         generator = torch.Generator(device=device)
         generator.manual_seed(int(torch.initial_seed() if seed is None else seed))
     padded = not bool(mask.all())
-    if use_cache:
-        cache: KVCache = RecurrentKVCache(share_every) if config.is_recurrent else KVCache()
-    else:
+    if not use_cache:
         cache = None
+    elif config.is_recurrent:
+        lookup = adaptive.cache_lookup if adaptive is not None else "latest-m4"
+        cache = RecurrentKVCache.for_config(config, lookup, share_every)
+    else:
+        cache = KVCache()
     done = torch.zeros(B, dtype=torch.bool)
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     depths: list[list[int]] = [[] for _ in range(B)]
@@ -369,7 +371,8 @@ def generate_with_info(
                     key_mask=mask if padded else None,
                     cache=cache,
                     num_steps=num_steps,
-                    adaptive=adaptive if cache.offset else None,  # the prompt runs at full depth
+                    adaptive=adaptive if cache.offset or (adaptive and adaptive.exit_in_prefill) else None,
+                    finished=done.to(device),
                 )
             elif padded:
                 logits, used = forward_last(model, ids, positions=positions, key_mask=mask, num_steps=num_steps)

@@ -56,6 +56,9 @@ class KVCache:
         self.keys: dict[Hashable, Tensor] = {}
         self.values: dict[Hashable, Tensor] = {}
         self.offset = 0
+        # Positions [keys] the last `update` returned when it returned fewer than offset + new tokens (a lookup
+        # that skips missing entries); None when it returned all of them. Attention subsets its key mask with it.
+        self.kept: Tensor | None = None
 
     def past(self, key: Hashable) -> tuple[Tensor, Tensor] | None:
         """Cached keys/values for `key` covering the `offset` earlier tokens (None when there are none)."""
@@ -143,13 +146,18 @@ class Attention(nn.Module):
         k = k.view(B, S, self.kv_heads, self.head_dim)
         v = v.view(B, S, self.kv_heads, self.head_dim)
         if self.qk_bias is not None:
-            q = q + self.qk_bias[0].to(q.dtype)
-            k = k + self.qk_bias[1].to(k.dtype)
+            # Added in the bias's precision, then rounded once: under bf16 autocast this is the reference's
+            # `(q + bias).to(q.dtype)`, bit for bit (rounding the bias to bf16 first is not).
+            q = (q + self.qk_bias[0]).to(q.dtype)
+            k = (k + self.qk_bias[1]).to(k.dtype)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        doc_ids = ctx.doc_ids
         if ctx.cache is not None:
             k, v = ctx.cache.update(key, k, v)
-        y = ctx.attn_fn(q, k, v, causal=True, doc_ids=ctx.doc_ids)
+            if doc_ids is not None and ctx.cache.kept is not None:
+                doc_ids = doc_ids[:, ctx.cache.kept]
+        y = ctx.attn_fn(q, k, v, causal=True, doc_ids=doc_ids)
         return self.proj(y.transpose(1, 2).reshape(B, S, q_dim))
 
 
@@ -188,6 +196,10 @@ class Block(nn.Module):
         return self.norm_4(x + self.mlp(x))
 
 
+def _no_boundary(state: Tensor) -> None:
+    return None
+
+
 class _LanguageModel(nn.Module):
     """Shared pieces: embedding, final norm, head and loss, initialisation."""
 
@@ -199,19 +211,35 @@ class _LanguageModel(nn.Module):
         self.transformer["ln_f"] = RMSNorm(config.n_embd, config.norm_eps)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self._recurrence_boundary: Callable[[Tensor], None] = _no_boundary
+
+    def set_recurrence_boundary(self, fn: Callable[[Tensor], None] | None) -> None:
+        """Call `fn(state)` after the initial state and after every no-grad iteration (None: nothing).
+
+        A lazy-tensor runtime cuts its graph there (XLA: `recpre.xla.cut`), so one compiled graph serves every
+        sampled depth n. The model does not know which runtime it is on; the driver sets this once. A GPT has
+        no recurrence and never calls it.
+        """
+        self._recurrence_boundary = _no_boundary if fn is None else fn
 
     @property
     def head_weight(self) -> Tensor:
         return self.transformer.wte.weight if self.config.tie_embeddings else self.lm_head.weight
 
-    def _context(self, input_ids: Tensor, doc_ids, position_ids, cache: KVCache | None) -> _Ctx:
+    def _context(
+        self, input_ids: Tensor, doc_ids, position_ids, cache: KVCache | None, key_mask: Tensor | None = None
+    ) -> _Ctx:
         if cache is not None and doc_ids is not None:
             raise ValueError("doc_ids are not supported together with a KV cache")
         if position_ids is None:
             offset = cache.offset if cache is not None else 0
             position_ids = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_base)
-        return _Ctx(cos, sin, attention.get(self.config.attention), doc_ids, cache)
+        attn_fn = attention.get(self.config.attention)
+        if key_mask is not None:
+            # Left padding as documents (pad = 0, real = 1); sdpa takes document masks with a short query block.
+            doc_ids, attn_fn = key_mask.long(), attention.get("sdpa")
+        return _Ctx(cos, sin, attn_fn, doc_ids, cache)
 
     def _embed(self, input_ids: Tensor) -> Tensor:
         x = self.transformer.wte(input_ids)
@@ -237,12 +265,24 @@ class _LanguageModel(nn.Module):
         n = torch.as_tensor(loss_normalizer, dtype=total.dtype, device=total.device)
         return total / torch.where(n > 0, n, torch.ones_like(n)), None
 
+    def _finish(self, x: Tensor, input_ids: Tensor, labels, loss_normalizer, cache, last_position_only: bool):
+        """Advance the cache past this chunk, then the head on every position or only the last one."""
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        if last_position_only:
+            if labels is not None:
+                raise ValueError("last_position_only gives logits for decoding; it takes no labels")
+            x = x[:, -1:]
+        return self._head(x, labels, loss_normalizer)
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every parameter from torch's current RNG, in named_parameters order (deterministic).
 
         Truncated normal (cut at +-3 std) with std = config.init_std; output projections (attn.proj, mlp.proj)
-        use std / sqrt(2 * effective_depth); norms are ones; biases and q/k biases are zeros.
+        use std / sqrt(2 * effective_depth); norms are ones; biases and q/k biases are zeros. `scaled-orthogonal`
+        (the reference's "scaled" init with init_orthogonal) draws each weight matrix orthogonal instead, with
+        the fused q/k/v and gate/up matrices drawn as their separate parts.
         """
         for name, p in self.named_parameters():
             self.init_parameter(name, p)
@@ -258,7 +298,15 @@ class _LanguageModel(nn.Module):
             nn.init.zeros_(p)
         else:
             std = c.out_proj_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else c.init_std
-            nn.init.trunc_normal_(p, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            if c.init_strategy != "scaled-orthogonal":
+                nn.init.trunc_normal_(p, mean=0.0, std=std, a=-3 * std, b=3 * std)
+                return
+            parts = [p.shape[0]]
+            if name.endswith("attn.Wqkv.weight"):
+                parts = [c.n_heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
+            elif name.endswith("mlp.fc.weight"):
+                parts = [c.intermediate_size, c.intermediate_size]
+            _init_whole(p, lambda t: _orthogonal_parts_(t, parts, std))
 
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks, in forward order: the units a sharding fabric wraps one by one."""
@@ -267,6 +315,40 @@ class _LanguageModel(nn.Module):
     def recurrent_blocks(self) -> list[nn.Module]:
         """The blocks that run several times per forward (the looped core); none in a GPT."""
         return []
+
+
+def _orthogonal_parts_(t: Tensor, parts: list[int], std: float) -> None:
+    """Each row block of `t` a truncated orthogonal matrix scaled so its entries have std `std`.
+
+    The reference's truncated orthogonal: a truncated standard normal (cut at +-2), QR, signs fixed by R's
+    diagonal, times gain std * sqrt(max(rows, cols)).
+    """
+    for block in t.split(parts, dim=0):
+        rows, cols = block.shape
+        flat = torch.empty(rows, cols, dtype=torch.float32, device=block.device)
+        nn.init.trunc_normal_(flat, mean=0.0, std=1.0)
+        if rows < cols:
+            flat = flat.T
+        q, r = torch.linalg.qr(flat)
+        q = q * torch.diagonal(r).sign()
+        if rows < cols:
+            q = q.T
+        block.copy_(q * (std * math.sqrt(max(rows, cols))))
+
+
+def _init_whole(p: Tensor, init: Callable[[Tensor], None]) -> None:
+    """Run `init` on the whole matrix: a sharded parameter (DTensor) is drawn in full, then re-sharded.
+
+    An orthogonal matrix is a property of the whole matrix; drawing each shard on its own would not give one.
+    """
+    if not hasattr(p, "full_tensor"):
+        init(p)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    full = torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)
+    init(full)
+    p.copy_(distribute_tensor(full, p.device_mesh, p.placements))
 
 
 class GPT(_LanguageModel):
@@ -284,8 +366,12 @@ class GPT(_LanguageModel):
         position_ids: Tensor | None = None,
         loss_normalizer: float | Tensor | None = None,
         cache: KVCache | None = None,
+        key_mask: Tensor | None = None,
+        last_position_only: bool = False,
     ) -> ModelOutput:
-        ctx = self._context(input_ids, doc_ids, position_ids, cache)
+        """Logits or loss. `key_mask` [batch, past + seq] marks real tokens of left-padded prompts (decoding);
+        `last_position_only` computes the head for the last position only (logits [batch, 1, vocab])."""
+        ctx = self._context(input_ids, doc_ids, position_ids, cache, key_mask)
         x = self._embed(input_ids)
         for i, block in enumerate(self.transformer.h):
             if self.config.activation_checkpointing and torch.is_grad_enabled() and cache is None:
@@ -293,22 +379,34 @@ class GPT(_LanguageModel):
             else:
                 x = block(x, ctx, ("h", 0, i))
         x = self.transformer.ln_f(x)
-        if cache is not None:
-            cache.advance(input_ids.shape[1])
-        loss, logits = self._head(x, labels, loss_normalizer)
+        loss, logits = self._finish(x, input_ids, labels, loss_normalizer, cache, last_position_only)
         return ModelOutput(loss=loss, logits=logits)
 
 
-def _no_boundary(state: Tensor) -> None:
-    return None
+@dataclass
+class Iteration:
+    """What a per-iteration callback of `RecurrentGPT.iterate` sees, and what it may change.
+
+    The callback runs after every core iteration. It may replace `state` (e.g. keep rows that stopped) and set
+    `stop` to end the loop after this iteration. `readout(state)` gives the float32 logits [batch, vocab] of the
+    last position through ln_f, coda, ln_f and the head, with this forward's positions and cache.
+    """
+
+    step: int  # 0-based index of the iteration just computed
+    previous: Tensor  # the state before it (the initial state at step 0)
+    state: Tensor  # the state after it
+    readout: Callable[[Tensor], Tensor]
+    stop: bool = False
+
+
+StepHook = Callable[[Iteration], None]
 
 
 class RecurrentGPT(_LanguageModel):
-    # Called with the state after the initial state and after every no-grad iteration. A lazy-tensor runtime
-    # sets it (train.py on XLA: a graph cut), so one compiled graph serves every sampled depth n.
-    recurrence_boundary: Callable[[Tensor], None] = staticmethod(_no_boundary)
+    """prelude -> looped core -> coda. `iterate` is the one implementation of that computation: training
+    (`forward`), generation (KV cache, adaptive exit, frozen rows) and the XLA step all run through it."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, recurrence_boundary: Callable[[Tensor], None] | None = None) -> None:
         super().__init__(config)
         t = self.transformer
         t["prelude"] = nn.ModuleList(Block(config) for _ in range(config.n_layers_prelude))
@@ -316,10 +414,7 @@ class RecurrentGPT(_LanguageModel):
             t["adapter"] = nn.Linear(2 * config.n_embd, config.n_embd, bias=config.bias)
         t["core_block"] = nn.ModuleList(Block(config) for _ in range(config.n_layers_core))
         t["coda"] = nn.ModuleList(Block(config) for _ in range(config.n_layers_coda))
-
-    def set_recurrence_boundary(self, hook: Callable[[Tensor], None]) -> None:
-        """Call `hook(state)` after the initial state and after every no-grad iteration (on XLA: a graph cut)."""
-        self.recurrence_boundary = hook
+        self.set_recurrence_boundary(recurrence_boundary)
 
     def recurrent_blocks(self) -> list[nn.Module]:
         return list(self.transformer.core_block)
@@ -356,7 +451,16 @@ class RecurrentGPT(_LanguageModel):
             s = block(s, ctx, ("core", step, i))
         return s
 
-    def forward(
+    def _coda(self, s: Tensor, ctx: _Ctx) -> Tensor:
+        x = self.transformer.ln_f(s)
+        for i, block in enumerate(self.transformer.coda):
+            x = block(x, ctx, ("coda", 0, i))
+        return self.transformer.ln_f(x)
+
+    def _readout(self, s: Tensor, ctx: _Ctx) -> Tensor:
+        return F.linear(self._coda(s, ctx)[:, -1], self.head_weight).float()
+
+    def iterate(
         self,
         input_ids: Tensor,
         labels: Tensor | None = None,
@@ -366,32 +470,53 @@ class RecurrentGPT(_LanguageModel):
         position_ids: Tensor | None = None,
         loss_normalizer: float | Tensor | None = None,
         cache: KVCache | None = None,
+        key_mask: Tensor | None = None,
+        last_position_only: bool = False,
+        on_step: StepHook | None = None,
     ) -> ModelOutput:
+        """The forward pass with its hooks: n no-grad iterations, then k with gradient (see `resolve_steps`).
+
+        `on_step(Iteration)` runs after every iteration (adaptive exit, frozen rows); `key_mask` [batch, past +
+        seq] marks the real tokens of left-padded prompts; `last_position_only` computes the head for the last
+        position only (logits [batch, 1, vocab], for decoding).
+        """
         n, k = self.resolve_steps(num_steps)
-        ctx = self._context(input_ids, doc_ids, position_ids, cache)
+        ctx = self._context(input_ids, doc_ids, position_ids, cache, key_mask)
         e = self._embed(input_ids)
         for i, block in enumerate(self.transformer.prelude):
             e = block(e, ctx, ("prelude", 0, i))
         s = self.initial_state(e)
-        self.recurrence_boundary(s)
-        with torch.no_grad():
-            for step in range(n):
-                s = self.core_step(s, e, ctx, step)
-                self.recurrence_boundary(s)
+        self._recurrence_boundary(s)
         checkpointed = self.config.activation_checkpointing and torch.is_grad_enabled() and cache is None
-        for step in range(n, n + k):
-            if checkpointed:
+        for step in range(n + k):
+            previous = s
+            if step < n:
+                with torch.no_grad():
+                    s = self.core_step(s, e, ctx, step)
+                self._recurrence_boundary(s)
+            elif checkpointed:
                 s = checkpoint(self.core_step, s, e, ctx, step, use_reentrant=False)
             else:
                 s = self.core_step(s, e, ctx, step)
-        x = self.transformer.ln_f(s)
-        for i, block in enumerate(self.transformer.coda):
-            x = block(x, ctx, ("coda", 0, i))
-        x = self.transformer.ln_f(x)
-        if cache is not None:
-            cache.advance(input_ids.shape[1])
-        loss, logits = self._head(x, labels, loss_normalizer)
+            if on_step is not None:
+                it = Iteration(step, previous, s, lambda state: self._readout(state, ctx))
+                on_step(it)
+                s = it.state
+                if it.stop:
+                    break
+        x = self._coda(s, ctx)
+        loss, logits = self._finish(x, input_ids, labels, loss_normalizer, cache, last_position_only)
         return ModelOutput(loss=loss, logits=logits, state=s)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        num_steps: int | tuple[int, int] | None = None,
+        **kwargs,
+    ) -> ModelOutput:
+        """Logits (labels None) or loss; keywords as for `iterate`."""
+        return self.iterate(input_ids, labels, num_steps, **kwargs)
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> GPT | RecurrentGPT:

@@ -142,7 +142,7 @@ def test_adaptive_depth_zero_threshold_is_fixed_depth_and_reports_depth():
     model = tiny("recurrent", mean_recurrence=4)
     ids = torch.tensor(prompts(60, (6, 6)))
     fixed = generate(model, ids, max_new_tokens=6, num_steps=4, eos_id=-1)
-    for criterion in ("kl", "state"):
+    for criterion in ("kl", "latent-diff"):
         out = generate_with_info(
             model, ids, max_new_tokens=6, num_steps=4, eos_id=-1, adaptive=AdaptiveDepth(0.0, criterion)
         )
@@ -150,7 +150,7 @@ def test_adaptive_depth_zero_threshold_is_fixed_depth_and_reports_depth():
         assert out.mean_depth == 4.0
 
 
-@pytest.mark.parametrize("criterion", ["kl", "state"])
+@pytest.mark.parametrize("criterion", ["kl", "latent-diff"])
 def test_adaptive_depth_stops_early_and_is_batch_independent(criterion):
     model = tiny("recurrent", mean_recurrence=8)
     rows = prompts(60, (5, 9, 7), seed=4)
@@ -171,7 +171,7 @@ def test_bounded_cache_shares_slots_across_steps():
     ids = torch.tensor(prompts(60, (6, 6)))
     full = generate(model, ids, max_new_tokens=6, num_steps=6, eos_id=-1)
     assert torch.equal(full, generate(model, ids, max_new_tokens=6, num_steps=6, eos_id=-1, share_every=6))
-    cache = RecurrentKVCache(share_every=2)
+    cache = RecurrentKVCache.for_config(model.config, share_every=2)
     pos = torch.arange(6).expand(2, 6)
     forward_last(model, ids, positions=pos, cache=cache, num_steps=6)
     assert cache.core_slots() == 2 and len(cache) == 6

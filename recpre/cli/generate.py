@@ -16,6 +16,7 @@ import sys
 
 from recpre.cli.options import add_checkpoint, add_device, add_num_steps
 from recpre.errors import UserError, run_command
+from recpre.generation import EXIT_CRITERIA
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every token")
     p.add_argument("--adaptive", type=float, default=None, help="adaptive depth: stop iterating below this change")
-    p.add_argument("--criterion", choices=["kl", "state"], default="kl", help="adaptive depth test")
+    p.add_argument("--criterion", choices=list(EXIT_CRITERIA), default="kl", help="adaptive exit criterion")
     p.add_argument("--share-every", type=int, default=None, help="bounded cache: m core slots per block")
     p.add_argument("--state-init", choices=["zero", "like-init"], default="zero", help="initial recurrent state")
     add_device(p)
