@@ -20,6 +20,7 @@ Labels are aligned with the inputs (labels[b, t] is the target of position t; th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
