@@ -27,6 +27,13 @@ from omegaconf.errors import OmegaConfBaseException
 from recpre.config import FUSED_HEADS, ModelConfig
 from recpre.errors import UserError
 from recpre.recurrence import CURRICULA, SAMPLING_SCHEMES, STATE_NOISE
+from recpre.settings_sources import (
+    Origins,
+    check_env,
+    first_line,
+    parse_override,
+    read_chain,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "launch_configs" / "debug.yaml"
@@ -42,8 +49,6 @@ PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
 DEVICES = ("auto", "cpu", "cuda", "mps", "xla")
 PROGRESS = ("auto", "bar", "lines", "none")
 WANDB_MODES = ("disabled", "offline", "online")
-SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "AUTH", "CREDENTIAL", "COOKIE")
-DEFAULTS_SOURCE = "the defaults in recpre/settings.py"
 # ModelSettings keys that are also ModelConfig fields (runtime choices); passed through to ModelConfig.
 RUNTIME_MODEL_KEYS = ("attention", "fused_head", "activation_checkpointing")
 
@@ -196,88 +201,6 @@ class Settings:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# YAML reading
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `3e-4` as a float (YAML 1.1 wants `3.0e-4`) and refuses duplicate keys."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # unhashable key: SafeLoader reports it itself
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _display(path: Path) -> str:
-    """A path as the user would type it: relative to the working folder when inside it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path.resolve())
-
-
-def _read_yaml(path: Path) -> dict:
-    shown = _display(path)
-    if not path.is_file():
-        raise UserError(f"config file {shown} does not exist (check --config or the `base:` key pointing to it).")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
-        if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
-            where += f" ({context} from line {context_mark.line + 1})"
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"config file {shown} is not valid YAML{where}: {problem}.") from None
-    except UnicodeDecodeError:
-        raise UserError(f"config file {shown} is not UTF-8 text.") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {shown} must hold a mapping of sections (run:, model:, ...), got {data!r}.")
-    return data
-
-
-def _read_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
-    """The file and its `base:` ancestors as (shown name, mapping), root ancestor first."""
-    path = path.resolve()
-    if path in stack:
-        cycle = " -> ".join(_display(p) for p in (*stack, path))
-        raise UserError(f"`base:` in {_display(stack[-1])} forms a cycle ({cycle}); remove one of the base keys.")
-    data = _read_yaml(path)
-    base = data.pop("base", None)
-    if base is None:
-        return [(_display(path), data)]
-    if not isinstance(base, str) or not base:
-        raise UserError(f"`base:` in {_display(path)} must be a path to another YAML file, got {base!r}.")
-    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-    if not base_path.is_file():
-        raise UserError(
-            f"`base: {base}` in {_display(path)} points to {_display(base_path)}, which does not exist "
-            "(base paths are relative to the YAML's folder)."
-        )
-    return [*_read_chain(base_path, (*stack, path)), (_display(path), data)]
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Key and type checking against the dataclass tree
 
 
@@ -372,52 +295,6 @@ def _check_layer(data: Any, cls: type, prefix: str, source: str) -> dict:
     return out
 
 
-def _flatten(data: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        keys.append(full)
-        if isinstance(value, dict):
-            keys += _flatten(value, f"{full}.")
-    return keys
-
-
-class _Origins:
-    """Where each key was last set, so an error can name the file (or the override) to change."""
-
-    def __init__(self) -> None:
-        self.sources: dict[str, str] = {}
-        self.layers: dict[str, int] = {}  # key -> index of the layer that set it last (defaults: -1)
-        self.notes: list[str] = []  # adjustments made while loading, for the driver to print
-        self._count = 0
-
-    def record(self, data: dict, source: str, *, layer: int | None = None) -> None:
-        """Keys set by `source`; each file is its own layer, the command line's overrides are one layer."""
-        if layer is None:
-            self._count += 1
-        for key in _flatten(data):
-            self.sources[key] = source
-            self.layers[key] = self._count if layer is None else layer
-
-    def next_layer(self) -> int:
-        return self._count + 1
-
-    def layer(self, key: str) -> int:
-        return self.layers.get(key, -1)
-
-    def __call__(self, key: str) -> str:
-        key = re.sub(r"\[\d+\]", "", key)
-        while key:
-            if key in self.sources:
-                return self.sources[key]
-            key = key.rpartition(".")[0]
-        return DEFAULTS_SOURCE
-
-
-def _first_line(err: OmegaConfBaseException) -> str:
-    return (getattr(err, "msg", None) or str(err)).splitlines()[0].rstrip(".")
-
-
 def _merge(cfg: Any, layer: dict, source: str) -> Any:
     try:
         return OmegaConf.merge(cfg, layer)
@@ -426,126 +303,23 @@ def _merge(cfg: Any, layer: dict, source: str) -> Any:
         raise UserError(f"{key} in {source} must be {_describe(_type_at(key))}, got {err.value!r}.") from None
 
 
-def _protect_interpolations(text: str) -> tuple[str, list[str]]:
-    """Swap each `${...}` for a plain token, so YAML flow lists like `[${oc.env:D}/a, b]` parse."""
-    out, spans, i = [], [], 0
-    while i < len(text):
-        start = text.find("${", i)
-        if start < 0 or (start > 0 and text[start - 1] == "\\"):
-            stop = len(text) if start < 0 else start + 2
-            out.append(text[i:stop])
-            i = stop
-            continue
-        depth, j = 0, start + 1
-        while j < len(text):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            j += 1
-            if depth == 0:
-                break
-        out.append(text[i:start] + f"RECPREINTERP{len(spans)}X")
-        spans.append(text[start:j])
-        i = j
-    return "".join(out), spans
-
-
-def _restore_interpolations(value: Any, spans: list[str]) -> Any:
-    if isinstance(value, str):
-        return re.sub(r"RECPREINTERP(\d+)X", lambda m: spans[int(m.group(1))], value)
-    if isinstance(value, list):
-        return [_restore_interpolations(v, spans) for v in value]
-    if isinstance(value, dict):
-        return {k: _restore_interpolations(v, spans) for k, v in value.items()}
-    return value
-
-
-def _parse_override(item: str) -> dict:
-    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value read as YAML (`[1, 2]`, `null`, `3e-4`)."""
-    source = f"command-line override '{item}'"
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
-        raise UserError(f"{source} must look like section.key=value (e.g. optim.lr=3e-4).")
-    protected, spans = _protect_interpolations(raw)
-    try:
-        value = _restore_interpolations(yaml.load(protected, Loader=_Loader), spans)
-    except yaml.YAMLError as err:
-        if raw.lstrip().startswith(("[", "{", '"', "'")):
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise UserError(f"{source} has a value that is not valid YAML: {problem}.") from None
-        value = raw  # e.g. `run.name=a: b` is meant as a plain string
-    parsed: dict = {}
-    node = parsed
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-    return parsed
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Interpolation
-
-
-_ENV_RE = re.compile(r"\$\{oc\.env:\s*([^,}\s]+)\s*(,[^}]*)?\}")
-
-
-def _walk_strings(node: Any, prefix: str = ""):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _walk_strings(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _walk_strings(value, f"{prefix}[{i}]")
-    elif isinstance(node, str):
-        yield prefix, node
-
-
-def unset_marker(var: str) -> str:
-    """What `--print-config` shows for a value read from an environment variable that is not set."""
-    return f"<unset ${var}>"
-
-
-def _check_env(raw: dict, where: _Origins, *, mark_missing: bool = False) -> dict[str, str]:
-    """Refuses secrets read through ${oc.env:...}; a missing variable is an error, or (mark_missing) gets a
-    stand-in value that names it, returned as {var: marker} for the caller to put in the environment."""
-    missing: dict[str, str] = {}
-    for key, text in _walk_strings(raw):
-        for match in _ENV_RE.finditer(text):
-            var, default = match.group(1), match.group(2)
-            if any(marker in var.upper() for marker in SECRET_MARKERS):
-                raise UserError(
-                    f"{key} in {where(key)} reads the secret-looking variable {var} through ${{oc.env:{var}}}, "
-                    "but secrets belong in the environment only and are never written into saved settings."
-                )
-            if default is None and var not in os.environ and mark_missing:
-                if var not in missing:
-                    where.notes.append(f"note: {var} is not set; values that use it show {unset_marker(var)}")
-                missing[var] = unset_marker(var)
-            elif default is None and var not in os.environ:
-                raise UserError(
-                    f"{key} in {where(key)} uses ${{oc.env:{var}}} but the environment variable {var} is not set "
-                    f"(export it, or give a default as ${{oc.env:{var},DEFAULT}})."
-                )
-    return missing
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Validation
 
 
-def _one_of(value: str, allowed: tuple[str, ...], key: str, where: _Origins) -> None:
+def _one_of(value: str, allowed: tuple[str, ...], key: str, where: Origins) -> None:
     if value not in allowed:
         close = difflib.get_close_matches(str(value), allowed, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise UserError(f"{key} in {where(key)} is {value!r} but must be one of {', '.join(allowed)}{hint}.")
 
 
-def _require(ok: bool, key: str, where: _Origins, message: str) -> None:
+def _require(ok: bool, key: str, where: Origins, message: str) -> None:
     if not ok:
         raise UserError(f"{key} in {where(key)} {message}.")
 
 
-def _validate(s: Settings, where: _Origins) -> None:
+def _validate(s: Settings, where: Origins) -> None:
     _one_of(s.model.attention, ATTENTION_BACKENDS, "model.attention", where)
     _one_of(s.model.fused_head, FUSED_HEADS, "model.fused_head", where)
     _one_of(s.optim.name, OPTIMIZERS, "optim.name", where)
@@ -561,6 +335,31 @@ def _validate(s: Settings, where: _Origins) -> None:
     _require(s.run.seed >= 0, "run.seed", where, f"must be >= 0, got {s.run.seed}")
     _require(bool(s.run.resume.strip()), "run.resume", where, "must be 'auto', 'never' or a checkpoint path")
 
+    _check_data(s, where)
+    _check_optim(s, where)
+    _check_train(s, where)
+    _check_schedule(s, where)
+    _check_fabric(s, where)
+
+    _require(s.log.interval >= 1, "log.interval", where, f"must be >= 1, got {s.log.interval}")
+    e = s.eval
+    _require(e.interval >= 0, "eval.interval", where, f"must be >= 0 (0 = off), got {e.interval}")
+    _require(all(x >= 1 for x in e.depths), "eval.depths", where, f"must all be >= 1, got {e.depths}")
+    _require(e.max_batches >= 1, "eval.max_batches", where, f"must be >= 1, got {e.max_batches}")
+    _require(
+        e.micro_batch_size is None or e.micro_batch_size >= 1,
+        "eval.micro_batch_size",
+        where,
+        f"must be >= 1 or null, got {e.micro_batch_size}",
+    )
+    c = s.checkpoint
+    _require(c.interval >= 0, "checkpoint.interval", where, f"must be >= 0 (0 = only at end), got {c.interval}")
+    _require(c.keep >= 1, "checkpoint.keep", where, f"must be >= 1, got {c.keep}")
+    _require(c.save_before_end_min >= 0, "checkpoint.save_before_end_min", where, "must be >= 0 (0 = off)")
+
+
+def _check_data(s: Settings, where: Origins) -> None:
+    """Data sources and mixture weights."""
     d = s.data
     _require(d.prefetch >= 0, "data.prefetch", where, f"must be >= 0, got {d.prefetch}")
     if d.weights is not None:
@@ -573,6 +372,9 @@ def _validate(s: Settings, where: _Origins) -> None:
         )
         _require(all(w > 0 for w in d.weights), "data.weights", where, f"must all be > 0, got {d.weights}")
 
+
+def _check_optim(s: Settings, where: Origins) -> None:
+    """Optimizer hyperparameters."""
     o = s.optim
     _require(o.lr > 0, "optim.lr", where, f"must be > 0, got {o.lr}")
     _require(o.weight_decay >= 0, "optim.weight_decay", where, f"must be >= 0, got {o.weight_decay}")
@@ -581,6 +383,9 @@ def _validate(s: Settings, where: _Origins) -> None:
     _require(o.eps > 0, "optim.eps", where, f"must be > 0, got {o.eps}")
     _require(o.muon_lr is None or o.muon_lr > 0, "optim.muon_lr", where, f"must be > 0 or null, got {o.muon_lr}")
 
+
+def _check_train(s: Settings, where: Origins) -> None:
+    """Batch sizes, budgets, guardrails and the recurrence policy."""
     t = s.train
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", where, f"must be >= 1, got {t.micro_batch_size}")
     _require(t.world_batch_size >= 1, "train.world_batch_size", where, f"must be >= 1, got {t.world_batch_size}")
@@ -614,6 +419,10 @@ def _validate(s: Settings, where: _Origins) -> None:
 
     _check_recurrence(t.recurrence, where)
 
+
+def _check_schedule(s: Settings, where: Origins) -> None:
+    """Learning-rate schedule and batch-size ramp, against the step budget."""
+    t, o = s.train, s.optim
     sc = s.schedule
     _require(sc.warmup_steps >= 0, "schedule.warmup_steps", where, f"must be >= 0, got {sc.warmup_steps}")
     _require(sc.cooldown_steps >= 0, "schedule.cooldown_steps", where, f"must be >= 0, got {sc.cooldown_steps}")
@@ -641,26 +450,8 @@ def _validate(s: Settings, where: _Origins) -> None:
         f"must be >= 0 (0 = one micro-batch per rank), got {sc.ramp_start_batch_size}",
     )
 
-    _check_fabric(s, where)
 
-    _require(s.log.interval >= 1, "log.interval", where, f"must be >= 1, got {s.log.interval}")
-    e = s.eval
-    _require(e.interval >= 0, "eval.interval", where, f"must be >= 0 (0 = off), got {e.interval}")
-    _require(all(x >= 1 for x in e.depths), "eval.depths", where, f"must all be >= 1, got {e.depths}")
-    _require(e.max_batches >= 1, "eval.max_batches", where, f"must be >= 1, got {e.max_batches}")
-    _require(
-        e.micro_batch_size is None or e.micro_batch_size >= 1,
-        "eval.micro_batch_size",
-        where,
-        f"must be >= 1 or null, got {e.micro_batch_size}",
-    )
-    c = s.checkpoint
-    _require(c.interval >= 0, "checkpoint.interval", where, f"must be >= 0 (0 = only at end), got {c.interval}")
-    _require(c.keep >= 1, "checkpoint.keep", where, f"must be >= 1, got {c.keep}")
-    _require(c.save_before_end_min >= 0, "checkpoint.save_before_end_min", where, "must be >= 0 (0 = off)")
-
-
-def _check_recurrence(r: RecurrenceSettings, where: _Origins) -> None:
+def _check_recurrence(r: RecurrenceSettings, where: Origins) -> None:
     key = "train.recurrence"
     if r.sampling is not None:
         _one_of(r.sampling, SAMPLING_SCHEMES, f"{key}.sampling", where)
@@ -688,7 +479,7 @@ def _check_recurrence(r: RecurrenceSettings, where: _Origins) -> None:
         )
 
 
-def _check_fabric(s: Settings, where: _Origins) -> None:
+def _check_fabric(s: Settings, where: Origins) -> None:
     """Fabric options, and sharding options that cannot work together, refused before the run folder exists."""
     f, sharded = s.fabric, s.fabric.strategy in ("fsdp", "hsdp")
     _require(f.chunk_mb > 0, "fabric.chunk_mb", where, f"must be > 0, got {f.chunk_mb}")
@@ -710,7 +501,7 @@ def _check_fabric(s: Settings, where: _Origins) -> None:
     _require(not (sharded and s.optim.name == "muon"), "optim.name", where, f"{muon} {f.strategy}")
 
 
-def _check_step_budget(s: Settings, steps: int | None, where: _Origins, key: str) -> None:
+def _check_step_budget(s: Settings, steps: int | None, where: Origins, key: str) -> None:
     """Warmup, cooldown and batch ramp must fit the run. When the step budget was set after them (a smoke run:
     `train.max_steps=50` over a config made for thousands of steps), they are shortened to fit, with a note;
     when they were set with or after the budget, the contradiction is the user's to resolve."""
@@ -747,7 +538,7 @@ def _check_step_budget(s: Settings, steps: int | None, where: _Origins, key: str
     )
 
 
-def _check_model(s: Settings, where: _Origins) -> None:
+def _check_model(s: Settings, where: Origins) -> None:
     for key in (*RUNTIME_MODEL_KEYS, "name"):
         _require(
             key not in s.model.overrides,
@@ -795,26 +586,26 @@ def load_settings(
     if isinstance(overrides, str):
         raise TypeError("load_settings takes overrides as a list of 'key=value' strings, not one string")
     path = DEFAULT_CONFIG if config_path is None else Path(config_path)
-    where = _Origins()
+    where = Origins()
     cfg = OmegaConf.structured(Settings)
-    for source, data in _read_chain(path):
+    for source, data in read_chain(path):
         layer = _check_layer(data, Settings, "", source)
         cfg = _merge(cfg, layer, source)
         where.record(layer, source)
     command_line = where.next_layer()  # all overrides: one layer, after every file
     for item in overrides:
         source = f"command-line override '{item}'"
-        layer = _check_layer(_parse_override(item), Settings, "", source)
+        layer = _check_layer(parse_override(item), Settings, "", source)
         cfg = _merge(cfg, layer, source)
         where.record(layer, source, layer=command_line)
 
-    missing = _check_env(OmegaConf.to_container(cfg, resolve=False), where, mark_missing=mark_unset_env)
+    missing = check_env(OmegaConf.to_container(cfg, resolve=False), where, mark_missing=mark_unset_env)
     try:
         os.environ.update(missing)
         settings = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         key = err.full_key or "?"
-        raise UserError(f"{key} in {where(key)} could not be resolved: {_first_line(err)}.") from None
+        raise UserError(f"{key} in {where(key)} could not be resolved: {first_line(err)}.") from None
     finally:
         for var in missing:
             os.environ.pop(var, None)
@@ -827,13 +618,13 @@ def load_settings(
 
 def settings_notes(settings: Settings) -> list[str]:
     """Lines saying what loading adjusted (e.g. a schedule shortened to fit a short run); print them once."""
-    where: _Origins | None = getattr(settings, "_origins", None)
+    where: Origins | None = getattr(settings, "_origins", None)
     return list(where.notes) if where is not None else []
 
 
 def validate_for_world(settings: Settings, world_size: int) -> None:
     """Checks that need the world size, which only the fabric knows: batches must split evenly over ranks."""
-    where: _Origins = getattr(settings, "_origins", None) or _Origins()
+    where: Origins = getattr(settings, "_origins", None) or Origins()
     t, sc = settings.train, settings.schedule
     per_step = t.micro_batch_size * world_size
     _require(
