@@ -227,20 +227,19 @@ def state_bytes(inputs: PlanInputs, rank: int) -> dict[str, int]:
 
         owners = balance_whole([n * e for n, e in zip(full, lay.elem)], parts)
         return {**base, "optimizer_bytes": sum(b for b, o in zip(whole_state, owners) if o == r)}
-    opt = sum(
-        piece.length * lay.state[piece.index][0] + lay.state[piece.index][1] for piece in _stream(inputs).owned(r)
-    )
+    owned = _stream(_layout_key(inputs), inputs.chunk_mb, parts).owned(r)
+    opt = sum(piece.length * lay.state[piece.index][0] + lay.state[piece.index][1] for piece in owned)
     return {**base, "optimizer_bytes": opt}
 
 
-def _stream(inputs: PlanInputs) -> Any:
+@lru_cache(maxsize=8)
+def _stream(layout_key: tuple, chunk_mb: float, parts: int) -> Any:
     """The ZeRO-1 chunk stream over meta parameters of the planned shapes (its buffers allocate nothing)."""
     from recpre.grad_stream import GradStream
 
-    lay = state_layout(inputs.model_name, inputs.overrides, inputs.optim, inputs.precision)
-    params = [torch.empty(s, device="meta") for s in lay.shapes]
-    elements = max(1, int(inputs.chunk_mb * 2**20) // 4)
-    return GradStream(params, elements, torch.device("meta"), 2, flags=False, parts=inputs.shard_size_used)
+    params = [torch.empty(s, device="meta") for s in state_layout(*layout_key).shapes]
+    elements = max(1, int(chunk_mb * 2**20) // 4)
+    return GradStream(params, elements, torch.device("meta"), 2, flags=False, parts=parts)
 
 
 # -- communication buffers and activations: estimates -----------------------------------------------------
@@ -377,7 +376,8 @@ def report(inputs: PlanInputs, device_gib: float | None) -> tuple[str, bool]:
     """The printed plan and whether it fits (True without a device size)."""
     ranks = plan_ranks(inputs)
     lines = [f"memory plan: {inputs.describe()}"]
-    shown = ranks if len(ranks) <= 4 else [ranks[0], max(ranks, key=lambda r: r.total)]
+    largest = max(ranks, key=lambda r: r.total)
+    shown = ranks if len(ranks) <= 4 else [ranks[0]] + ([largest] if largest.rank else [])
     head = f"{'rank':>6} {'params':>12} {'grads':>12} {'optimizer':>12} {'comm':>12} {'activations':>12}"
     lines.append(head + f" {'margin':>12} {'total':>12}")
     for r in shown:
@@ -414,3 +414,25 @@ def check_fits(inputs: PlanInputs, device_gib: float) -> None:
     """Raise UserError with the planner's sentence when the largest rank does not fit."""
     if peak_total(inputs) > int(device_gib * GIB):
         raise UserError(refusal(inputs, device_gib))
+
+
+# -- the commands: train.py --plan, the start-up check on a GPU, submit's check -----------------------------
+
+
+def plan_command(settings: Any, world_size: int | None, device_gib: float | None, ranks_per_node: int | None) -> int:
+    """`train.py --plan`: print the plan; exit code 0 when it fits (or no device size is given), 1 when not."""
+    if world_size is None:
+        raise UserError("--plan needs --world-size N (the number of ranks the job will run on)")
+    if device_gib is not None and not device_gib > 0:
+        raise UserError(f"--device-memory-gib must be positive, got {device_gib}")
+    text, fits = report(PlanInputs.from_settings(settings, world_size, ranks_per_node), device_gib)
+    print(text)
+    return 0 if fits else 1
+
+
+def check_device_memory(settings: Any, fabric: Any) -> None:
+    """At start-up on a GPU: refuse (UserError, the planner's sentence) a run whose plan exceeds the device."""
+    if fabric.device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(fabric.device).total_memory
+    check_fits(PlanInputs.from_settings(settings, fabric.world_size, fabric.shard_size), total / GIB)
