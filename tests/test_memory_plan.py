@@ -95,3 +95,56 @@ def test_planned_state_equals_the_memory_event(tiny_corpus, tmp_path, model, str
 def test_planned_state_equals_the_memory_event_for_every_strategy(tiny_corpus, tmp_path, model, strategy, nproc):
     measured, planned = measured_and_planned(tiny_corpus, tmp_path, model, strategy, nproc)
     assert planned == measured
+
+
+def run_command(argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATA_DIR": str(REPO / "no-data-needed")}
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_the_frontier_recipe_fits_64_gib_as_shipped_and_not_under_plain_torch_ddp():
+    plan = ["train.py", "--plan", "--world-size", "4096", "--device-memory-gib", "64", "--config", FRONTIER]
+    shipped = run_command(plan)
+    assert shipped.returncode == 0, shipped.stderr
+    assert "fits in 64 GiB" in shipped.stdout and "does not fit" not in shipped.stdout
+    ddp = run_command([*plan, "fabric.strategy=torch-ddp", "fabric.optimizer_sharding=false"])
+    assert ddp.returncode == 1, ddp.stderr
+    assert "does not fit in 64 GiB" in ddp.stdout
+    assert "fabric.strategy=simple-ddp fabric.optimizer_sharding=true (" in ddp.stdout  # a remedy, with its total
+    for column in ("params", "grads", "optimizer", "comm", "activations", "margin", "total"):
+        assert column in ddp.stdout
+
+
+def test_submit_refuses_a_job_that_does_not_fit_naming_the_remedy(tmp_path):
+    submit = ["launchers/submit.py", "--cluster", "frontier", "--nodes", "512", "--config", FRONTIER, "--dry-run"]
+    submit += [f"run.out_dir={tmp_path / 'run'}", "fabric.strategy=torch-ddp", "fabric.optimizer_sharding=false"]
+    refused = run_command(submit)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stdout == "" and refused.stderr.count("\n") == 1
+    assert "64 GiB" in refused.stderr and "fabric.strategy=simple-ddp fabric.optimizer_sharding=true" in refused.stderr
+    forced = run_command([*submit, "--no-memory-check"])
+    assert forced.returncode == 0, forced.stderr
+    assert "train.py --no-memory-check --config" in forced.stdout  # the job's start-up check is skipped too
+
+
+def test_a_gpu_smaller_than_the_plan_is_refused_at_start_up(monkeypatch):
+    """train.py's start-up check on a (pretended) 1 GiB GPU: the planner's sentence, as a UserError."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from recpre.errors import UserError
+    from recpre.memory_plan import check_device_memory
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**30))
+    fabric = SimpleNamespace(device=torch.device("cuda", 0), world_size=1, shard_size=1)
+    with pytest.raises(UserError, match=r"needs .* GiB per rank but a device has 1 GiB .*: set "):
+        check_device_memory(load_settings(None, ["model.name=debug-gpt", "train.micro_batch_size=64",
+                                                 "train.world_batch_size=64"]), fabric)  # fmt: skip
+    check_device_memory(load_settings(None, ["model.name=debug-gpt"]), SimpleNamespace(**{**vars(fabric)}))
+
+
+def test_plan_without_a_world_size_is_bad_input(train_module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.run_cli(lambda: train_module.main(["--plan"]))
+    assert exit_info.value.code == 2 and "--world-size" in capsys.readouterr().err
