@@ -90,6 +90,20 @@ def test_planned_state_equals_the_memory_event(tiny_corpus, tmp_path, model, str
     assert planned == measured
 
 
+@pytest.mark.parametrize(("model", "strategy", "nproc"), FAST)
+def test_every_rank_holds_what_the_plan_says(tmp_path, model, strategy, nproc):
+    """Rank 0 alone would not show FSDP's padding or ZeRO-1's uneven slices: every rank reports here."""
+    args = [*MODELS[model], *(f"model.overrides.{o}" for o in TINY), *STRATEGIES[strategy], "fabric.device=cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    cmd += ["tests/memory_plan_case.py", str(tmp_path), *args, "fabric.chunk_mb=0.01"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(nproc)]
+    for rank, row in enumerate(rows):
+        assert row["planned"] == row["measured"], rank
+    assert len({json.dumps(row["measured"]) for row in rows}) > 1  # the ranks differ: the case is not trivial
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "strategy", "nproc"), ALL)
 def test_planned_state_equals_the_memory_event_for_every_strategy(tiny_corpus, tmp_path, model, strategy, nproc):
