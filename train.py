@@ -35,6 +35,7 @@ from recpre.fabric import FabricError, SimpleFabric
 from recpre.flops import device_peak, mfu
 from recpre.guardrails import LossSpikeGuard, TrainingAborted, debug_nan_steps
 from recpre.memory import memory_line
+from recpre.memory_plan import check_device_memory, plan_command
 from recpre.model import build_model, compile_blocks
 from recpre.monitor import Monitor, Throughput, require_logging_extras
 from recpre.optim import build_optimizer
@@ -71,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="XLA/Trainium: run a few steps that visit every graph the run needs (for neuron_parallel_compile) "
         "into OUT_DIR/compile-sweep; no checkpoint is written",
     )
+    parser.add_argument("--plan", action="store_true", help="print what each rank will hold (recpre/memory_plan.py)")
+    parser.add_argument("--world-size", type=int, default=None, help="--plan: the number of ranks")
+    parser.add_argument("--device-memory-gib", type=float, default=None, help="--plan: memory of one device")
+    parser.add_argument("--ranks-per-node", type=int, default=None, help="--plan: ranks per node (default: all)")
+    parser.add_argument("--no-memory-check", action="store_true", help="skip the planner's check on a GPU")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3")
     return parser.parse_args(argv)
 
@@ -216,9 +222,13 @@ def main(argv: list[str] | None = None) -> int:
             print(note, file=sys.stderr)
         print(settings_to_yaml(settings), end="")
         return 0
+    if args.plan:
+        return plan_command(settings, args.world_size, args.device_memory_gib, args.ranks_per_node)
     require_logging_extras(settings.log)  # before any run folder exists
     fabric = SimpleFabric(settings.fabric)
     validate_for_world(settings, fabric.world_size)
+    if not args.no_memory_check:
+        check_device_memory(settings, fabric)  # on a GPU: refuse a run the memory plan says will not fit
     fabric.launch()
     ck = settings.checkpoint
     stop = StopRequest.from_environment(ck.save_before_end_min, on_signal=ck.on_signal)

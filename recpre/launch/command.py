@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="job name (default: run.name)")
     p.add_argument("--dry-run", action="store_true", help="print the batch script(s) and submit nothing")
     p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None, help="Neuron pre-compile job")
+    p.add_argument("--no-memory-check", action="store_true", help="submit even when the memory plan does not fit")
     p.add_argument("--no-wait", action="store_true", help="local profile: return after submitting")
     p.add_argument("--eval", nargs="+", metavar="CHECKPOINT", help="evaluate these checkpoints as a job array")
     p.add_argument("--eval-out", help="folder for evaluation job logs (default: runs/eval-jobs)")
@@ -91,8 +92,25 @@ def _print_scripts(scripts: list[tuple[str, str]]) -> None:
         sys.stdout.write(text)
 
 
+def check_memory(job: TrainJob, profile: ClusterProfile, skip: bool) -> None:
+    """Refuse (exit 2, the planner's sentence) a job whose memory plan exceeds the profile's device memory;
+    with --no-memory-check the job's own start-up check is skipped too."""
+    if skip:
+        job.flags.append("--no-memory-check")
+        return
+    if profile.device_memory_gib is None:
+        return
+    from recpre.memory_plan import PlanInputs, check_fits
+    from recpre.settings import load_settings
+
+    ranks = job.nodes * profile.devices_per_node
+    inputs = PlanInputs.from_settings(load_settings(job.config, job.overrides), ranks, profile.devices_per_node)
+    check_fits(inputs, profile.device_memory_gib)
+
+
 def run_train(args: argparse.Namespace, profile: ClusterProfile, cwd: Path) -> int:
     job = plan_train(args, profile, cwd)
+    check_memory(job, profile, args.no_memory_check)
     precompile = profile.precompile.enabled if args.precompile is None else args.precompile
     if precompile and profile.executor != "slurm":
         raise UserError(f"--precompile needs a SLURM profile; {profile.name} is local")

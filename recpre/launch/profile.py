@@ -21,7 +21,16 @@ PROFILE_DIR = Path(__file__).resolve().parents[2] / "launchers" / "clusters"
 EXECUTORS = ("slurm", "local")
 LAUNCH_STYLES = ("task-per-device", "torchrun-per-node")
 REQUIRED = ("description", "executor", "launch", "devices_per_node", "sbatch", "setup", "env")
-OPTIONAL = ("srun_args", "nodes", "time", "python", "signal_before_end_s", "master_port", "precompile")
+OPTIONAL = (
+    "device_memory_gib",
+    "srun_args",
+    "nodes",
+    "time",
+    "python",
+    "signal_before_end_s",
+    "master_port",
+    "precompile",
+)
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$|^\d+$")
 _SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -59,6 +68,7 @@ class ClusterProfile:
     signal_before_end_s: int = 120
     master_port: int = 29500
     precompile: Precompile = field(default_factory=Precompile)
+    device_memory_gib: float | None = None  # memory of one device: submit refuses a job whose plan exceeds it
 
 
 def available_profiles(directory: Path = PROFILE_DIR) -> list[str]:
@@ -199,7 +209,16 @@ def parse_profile(raw: Any, path: Path) -> ClusterProfile:
         signal_before_end_s=_check_int(path, "signal_before_end_s", raw.get("signal_before_end_s", 120), 0),
         master_port=_check_int(path, "master_port", raw.get("master_port", 29500)),
         precompile=_check_precompile(path, raw.get("precompile")),
+        device_memory_gib=_check_memory(path, raw.get("device_memory_gib")),
     )
+
+
+def _check_memory(path: Path, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise _bad(path, "device_memory_gib", f"must be a positive number of GiB, got {value!r}")
+    return float(value)
 
 
 def load_profile(name_or_path: str, directory: Path = PROFILE_DIR) -> ClusterProfile:
