@@ -41,8 +41,15 @@ def source_files(source: str | Path) -> list[Path]:
 
 
 def _read_text(path: Path) -> str | None:
-    """The file's text, or None when it is not UTF-8 text (a NUL byte or an invalid sequence: binary)."""
-    data = path.read_bytes()
+    """The file's text, or None when it is not UTF-8 text (a NUL byte or an invalid sequence: binary).
+
+    The first 64 KiB are looked at first, so a large archive or image is not read whole to be skipped.
+    """
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        if b"\0" in head:
+            return None
+        data = head + f.read()
     if b"\0" in data:
         return None
     try:
