@@ -114,10 +114,15 @@ def model_card(config, state_init: str, checkpoint_name: str, folder_name: str) 
     )
     if not config.is_recurrent:
         return text
+    trained = (
+        " Training started it from random noise (`like-init`); setting `state_init` to `like-init` restores that, "
+        "with fresh noise (and different logits) in every forward."
+        if config.state_init == "like-init"
+        else " Training did the same."
+    )
     noise = (
         "The recurrence starts from a zero state (`state_init: zero` in config.json), so the same input always "
-        "gives the same logits. Training started it from random noise (`like-init`); setting `state_init` to "
-        "`like-init` restores that, with fresh noise (and different logits) in every forward.\n"
+        f"gives the same logits.{trained}\n"
         if state_init == "zero"
         else "The recurrence starts from fresh random noise in every forward (`state_init: like-init` in "
         "config.json), as in training, so two calls on the same input give different logits; set `state_init` to "
