@@ -132,6 +132,7 @@ def make_loader(settings: Any, config: Any, fabric: SimpleFabric, data: Data, *,
         eos_id=data.eos_id,
         num_epochs=1 if val else None,
         prefetch=0 if val else settings.data.prefetch,
+        role="validation" if val else "train",
     )
 
 

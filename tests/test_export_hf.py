@@ -89,3 +89,58 @@ def test_export_cli_refuses_existing_output(tmp_path, tiny_corpus):
     proc = subprocess.run([*cmd, "--output", str(tmp_path / "taken")], capture_output=True, text=True, env=os.environ)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --output")
     assert (tmp_path / "taken" / "file").exists()
+
+
+def _greedy_new_tokens(sequences: torch.Tensor, prompt_len: int, eos_id: int) -> list[int]:
+    """New tokens up to and including the first EOS (the two generators differ only in what follows it)."""
+    new = sequences[0, prompt_len:].tolist()
+    return new[: new.index(eos_id) + 1] if eos_id in new else new
+
+
+def test_export_generates_at_the_depth_asked_deterministically(tmp_path, tiny_corpus):
+    """An export of a model trained with random initial states (`like-init`) is deterministic by default, and
+    `generate(..., num_steps=d)` decodes at depth d, token for token as recpre's own greedy decoding does."""
+    from transformers import AutoModelForCausalLM
+
+    from recpre.generation import generate
+
+    ckpt = make_checkpoint(tmp_path / "run", tiny_corpus)  # the shape's default state_init: like-init
+    ours, _ = load_model(ckpt)
+    assert ours.config.state_init == "like-init"
+    cmd = [sys.executable, str(REPO / "evaluate" / "export_hf.py"), "--checkpoint", str(ckpt)]
+    proc = subprocess.run([*cmd, "--output", str(tmp_path / "hf")], capture_output=True, text=True, env=os.environ)
+    assert proc.returncode == 0, proc.stderr
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(3, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, hf(ids).logits)  # two forwards, the same logits
+
+    ours.config.state_init = "zero"  # recpre's generate CLI default; the export's documented default
+    eos = tiny_corpus.eos_id
+    prompt = ids[:1, :8]
+    by_depth = {}
+    for depth in (1, 4, 32):
+        got = hf.generate(prompt, max_new_tokens=12, do_sample=False, num_steps=depth)
+        ref = generate(ours, prompt, max_new_tokens=12, num_steps=depth)
+        by_depth[depth] = _greedy_new_tokens(got, 8, eos)
+        assert by_depth[depth] == _greedy_new_tokens(ref, 8, eos), depth
+    assert by_depth[1] != by_depth[4] != by_depth[32] != by_depth[1]
+
+
+def test_exported_readme_loads_model_and_tokenizer_with_remote_code(tmp_path, tiny_corpus, monkeypatch):
+    """The exported README's snippet runs as written (next to the folder) with trust_remote_code=True for both."""
+    import re
+
+    from recpre.eval.export import export_hf
+
+    out = export_hf(make_checkpoint(tmp_path / "run", tiny_corpus), tmp_path / "hf")
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert re.search(r"AutoTokenizer\.from_pretrained\([^)]*trust_remote_code=True", snippet)
+    assert re.search(r"AutoModelForCausalLM\.from_pretrained\([^)]*trust_remote_code=True", snippet)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the README's own code, as a user pastes it
+    text = "def f(x):\n    return x + 1\n"
+    assert scope["tokenizer"](text)["input_ids"] == tiny_corpus.tokenizer().encode(text)
+    assert scope["model"](torch.tensor([[5, 6, 7]])).logits.shape[:2] == (1, 3)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from recpre.errors import run_command
+from recpre.errors import UserError, run_command
 
 
 def _run(argv: list[str] | None) -> int:
     from recpre.data.atomic import atomic_dir
-    from recpre.data.sources import check_source, iter_documents
+    from recpre.data.sources import check_source, iter_documents, skipped_note
     from recpre.data.tokenizer import train_tokenizer
 
     ap = argparse.ArgumentParser(
@@ -30,16 +30,27 @@ def _run(argv: list[str] | None) -> int:
     for src in args.input:
         check_source(src)
 
+    skipped: set = set()
+    seen = [0]
+
     def documents():
         chars = 0
-        for doc in itertools.chain.from_iterable(iter_documents(s, args.text_field) for s in args.input):
+        for doc in itertools.chain.from_iterable(iter_documents(s, args.text_field, skipped) for s in args.input):
             if args.max_chars is not None and chars >= args.max_chars:
                 return
             chars += len(doc)
+            seen[0] += 1
             yield doc
 
     with atomic_dir(args.output) as tmp:
         tok = train_tokenizer(documents(), args.vocab_size, tmp, min_frequency=args.min_frequency, show_progress=True)
+        if seen[0] == 0:
+            raise UserError(
+                f"--input {' '.join(args.input)} holds no documents ({skipped_note(skipped) or 'empty'}); "
+                "add UTF-8 text files"
+            )
+    if skipped_note(skipped):
+        print(skipped_note(skipped))
     if tok.vocab_size < args.vocab_size:
         print(f"note: the corpus only supports {tok.vocab_size} tokens (asked for {args.vocab_size})")
     print(

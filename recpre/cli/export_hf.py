@@ -19,7 +19,11 @@ def _run(argv: list[str] | None) -> int:
     add_checkpoint(p)
     p.add_argument("--output", required=True, help="folder to write (must not exist unless --force)")
     p.add_argument(
-        "--state-init", choices=["zero", "like-init"], default=None, help="the export's initial state (default zero)"
+        "--state-init",
+        choices=["zero", "like-init"],
+        default="zero",
+        help="initial recurrent state of the export: zero (default; the same input always gives the same logits) or "
+        "like-init (fresh noise every forward, as in training)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)

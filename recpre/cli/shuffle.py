@@ -1,6 +1,6 @@
 """Shuffle packed rows globally across shards and split them into train/ and val/ folders.
 
-recpre-shuffle --input DIR --output DIR --val-fraction F --seed S
+recpre-shuffle --input DIR --output DIR --val-fraction F --seed S [--min-val-rows N]
 (`python scripts/shuffle.py ...` is the same command.)
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 
 from recpre.errors import run_command
+
+MIN_VAL_ROWS = 16
 
 
 def _run(argv: list[str] | None) -> int:
@@ -19,14 +21,33 @@ def _run(argv: list[str] | None) -> int:
     )
     ap.add_argument("--input", required=True, help="folder (or file) of packed parquet shards")
     ap.add_argument("--output", required=True, help="new folder; gets train/, val/ and manifest.json")
-    ap.add_argument("--val-fraction", type=float, required=True)
+    ap.add_argument("--val-fraction", type=float, required=True, help="share of the rows held out for validation")
+    ap.add_argument(
+        "--min-val-rows",
+        type=int,
+        default=MIN_VAL_ROWS,
+        help=f"hold out at least this many rows (at most half) when --val-fraction > 0 (default {MIN_VAL_ROWS}: one "
+        "validation micro-batch of 4 rows on each of 4 processes, what the default run needs)",
+    )
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--rows-per-shard", type=int, default=None)
     args = ap.parse_args(argv)
     m = shuffle_split(
-        args.input, args.output, val_fraction=args.val_fraction, seed=args.seed, rows_per_shard=args.rows_per_shard
+        args.input,
+        args.output,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        rows_per_shard=args.rows_per_shard,
+        min_val_rows=args.min_val_rows,
     )
-    print(f"wrote {args.output}: train {m['train']['rows']} rows, val {m['val']['rows']} rows")
+    total = m["train"]["rows"] + m["val"]["rows"]
+    raised = m["val"]["rows"] > max(1, round(total * args.val_fraction))
+    why = (
+        f" (--val-fraction {args.val_fraction} gives {round(total * args.val_fraction)}; --min-val-rows)"
+        if raised
+        else ""
+    )
+    print(f"wrote {args.output}: train {m['train']['rows']} rows, val {m['val']['rows']} rows{why}")
     return 0
 
 

@@ -14,6 +14,7 @@ from recpre.errors import run_command
 
 def _run(argv: list[str] | None) -> int:
     from recpre.data.pipeline import tokenize_corpus
+    from recpre.data.sources import skipped_note
     from recpre.data.tokenizer import load_tokenizer
 
     ap = argparse.ArgumentParser(
@@ -39,6 +40,9 @@ def _run(argv: list[str] | None) -> int:
         rows_per_shard=args.rows_per_shard,
         progress=not args.no_progress,
     )
+    note = skipped_note(stats.skipped_files)
+    if note:
+        print(note)
     print(
         f"wrote {stats.output}: {stats.num_documents} documents, {stats.num_rows} rows, {stats.num_tokens} tokens "
         f"in {stats.seconds:.1f}s ({stats.tokens_per_s / 1e6:.2f} Mtok/s)"

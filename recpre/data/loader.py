@@ -207,11 +207,32 @@ class _Stream:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
+def check_enough_rows(name: str, rows: int, world_size: int, micro_batch_size: int, role: str = "train") -> None:
+    """Every rank needs one whole micro-batch per epoch; otherwise one sentence naming what to change."""
+    need = world_size * micro_batch_size
+    if rows >= need:
+        return
+    fits = rows // world_size
+    if role == "validation":
+        smaller = f"set eval.micro_batch_size={fits}, " if fits else ""
+        raise UserError(
+            f"validation data {name} has {rows} rows, fewer than world_size x eval micro_batch_size = {world_size} "
+            f"x {micro_batch_size} = {need} (one micro-batch per process); {smaller}split off more rows "
+            f"(scripts/shuffle.py --min-val-rows {need}), or set eval.interval=0 to train without validation"
+        )
+    smaller = f"set train.micro_batch_size={fits} (train.world_batch_size a multiple of it) or " if fits else ""
+    raise UserError(
+        f"training data {name} has {rows} rows, fewer than world_size x micro_batch_size = {world_size} x "
+        f"{micro_batch_size} = {need} (one micro-batch per process); {smaller}add data"
+    )
+
+
 class PackedLoader:
     """Iterable of (input_ids, labels) int64 [micro_batch_size, block_size]; see the module docstring.
 
     num_epochs: stop after that many epochs (of the least-advanced source); None = endless.
     prefetch: batches prepared ahead by a background thread (0 = none).
+    role: "train" or "validation"; names the settings to change when a source is too small.
     """
 
     def __init__(
@@ -227,6 +248,7 @@ class PackedLoader:
         eos_id: int | None = None,
         num_epochs: int | None = None,
         prefetch: int = 4,
+        role: str = "train",
     ):
         if isinstance(paths, (str, Path)):
             paths = [paths]
@@ -256,12 +278,7 @@ class PackedLoader:
             self.weights = weights
             self._p = np.array(weights) / sum(weights)
         for src in self.sources:
-            need = world_size * micro_batch_size
-            if src.num_rows < need:
-                raise UserError(
-                    f"data source {src.name} has {src.num_rows} rows, fewer than world_size x micro_batch_size = "
-                    f"{need}; add data or lower train.micro_batch_size"
-                )
+            check_enough_rows(src.name, src.num_rows, world_size, micro_batch_size, role)
         metas = [f.meta for files in opened for f in files]
         self.eos_id = eos_id if eos_id is not None else _agreed(metas, "eos_id", self.paths)
         self.pad_id = _agreed(metas, "pad_id", self.paths)

@@ -217,7 +217,8 @@ def open_packed(path: str | Path, block_size: int | None = None) -> PackedFile:
     if block_size is not None and row_len != block_size + 1:
         raise UserError(
             f"data file {path} has rows of {row_len} tokens but block_size {block_size} needs {block_size + 1}; "
-            f"re-tokenize with --block-size {block_size} or use a model with block_size {row_len - 1}"
+            f"re-tokenize with --block-size {block_size} (scripts/tokenize_corpus.py) or set "
+            f"model.overrides.block_size={row_len - 1}"
         )
     groups = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
     return PackedFile(path=path, row_len=row_len, group_rows=groups, meta=meta, _pf=pf)

@@ -20,7 +20,7 @@ import numpy as np
 
 from recpre.data.atomic import atomic_dir, check_output_dir
 from recpre.data.packed import FORMAT_VERSION, PackedWriter
-from recpre.data.sources import check_source, iter_documents
+from recpre.data.sources import check_source, iter_documents, skipped_note
 from recpre.data.tokenizer import Tokenizer, tokenizer_info
 from recpre.errors import UserError
 
@@ -35,21 +35,24 @@ class PackStats:
     num_tokens: int = 0  # tokens in rows, PAD included
     seconds: float = 0.0
     sources: list[dict] = field(default_factory=list)
+    skipped_files: set[Path] = field(default_factory=set)  # folder files that are not UTF-8 text
 
     @property
     def tokens_per_s(self) -> float:
         return self.num_tokens / max(self.seconds, 1e-9)
 
 
-def weighted_documents(source: str | Path, weight: float, text_field: str = "text") -> Iterator[str]:
+def weighted_documents(
+    source: str | Path, weight: float, text_field: str = "text", skipped: set[Path] | None = None
+) -> Iterator[str]:
     """A source repeated `weight` times: whole passes, then a deterministic fraction of documents (by hash)."""
     if weight < 0 or not math.isfinite(weight):
         raise UserError(f"weight {weight} for source {source} must be a finite number >= 0")
     full, frac = int(weight), weight - int(weight)
     for _ in range(full):
-        yield from iter_documents(source, text_field)
+        yield from iter_documents(source, text_field, skipped)
     if frac > 0:
-        for i, doc in enumerate(iter_documents(source, text_field)):
+        for i, doc in enumerate(iter_documents(source, text_field, skipped)):
             h = int.from_bytes(hashlib.blake2b(f"{source}:{i}".encode(), digest_size=8).digest(), "little")
             if h / 2**64 < frac:
                 yield doc
@@ -118,9 +121,13 @@ def tokenize_corpus(
         writer = PackedWriter(tmp, block_size, meta=tokenizer_info(tokenizer), rows_per_shard=rows_per_shard)
         bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=not progress)
         for src, w in zip(inputs, weights):
-            n_docs, n_tok = pack_documents(weighted_documents(src, w, text_field), tokenizer, writer, progress=bar)
+            docs = weighted_documents(src, w, text_field, stats.skipped_files)
+            n_docs, n_tok = pack_documents(docs, tokenizer, writer, progress=bar)
             if n_docs == 0 and w > 0:
-                raise UserError(f"input {src} holds no documents (empty source); remove it or fill it")
+                note = skipped_note(stats.skipped_files)
+                raise UserError(
+                    f"input {src} holds no documents ({note or 'empty source'}); remove it or add UTF-8 text files"
+                )
             stats.sources.append({"source": str(src), "weight": w, "documents": n_docs, "tokens": n_tok})
             stats.num_documents += n_docs
         bar.close()

@@ -27,10 +27,17 @@ def shuffle_split(
     val_fraction: float,
     seed: int,
     rows_per_shard: int | None = None,
+    min_val_rows: int = 0,
 ) -> dict:
-    """Write output/train/*.parquet and output/val/*.parquet (rows shuffled) and output/manifest.json."""
+    """Write output/train/*.parquet and output/val/*.parquet (rows shuffled) and output/manifest.json.
+
+    The validation split holds round(rows x val_fraction) rows, raised to `min_val_rows` (but never more than half
+    the rows) when val_fraction > 0: a small fraction of a small corpus is otherwise too few rows to validate on.
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if min_val_rows < 0:
+        raise UserError(f"--min-val-rows {min_val_rows} must be >= 0")
     check_output_dir(output)
     files = [open_packed(p) for p in parquet_files(input)]
     row_len = files[0].row_len
@@ -43,7 +50,7 @@ def shuffle_split(
     block_size = row_len - 1
     n_val = round(total * val_fraction)
     if val_fraction > 0:
-        n_val = min(total - 1, max(1, n_val))
+        n_val = min(total - 1, max(1, n_val, min(min_val_rows, total // 2)))
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 7])))
     is_val = np.zeros(total, dtype=bool)
     is_val[rng.permutation(total)[:n_val]] = True
@@ -55,7 +62,13 @@ def shuffle_split(
     )
     meta = files[0].schema.metadata or {}
     schema = pa.schema([pa.field(COLUMN, pa.list_(pa.int32(), row_len))], metadata=meta)
-    manifest = {"format": FORMAT_VERSION, "block_size": block_size, "seed": seed, "val_fraction": val_fraction}
+    manifest = {
+        "format": FORMAT_VERSION,
+        "block_size": block_size,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "min_val_rows": min_val_rows,
+    }
     with atomic_dir(output) as tmp:
         scratch = tmp / ".buckets"
         scratch.mkdir()

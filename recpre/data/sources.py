@@ -1,48 +1,71 @@
 """Raw text sources -> documents (str): local text, jsonl and parquet files or folders, and `hf:` datasets.
 
 Spelling of a source:
-  - a text file (any extension but .jsonl/.json/.parquet): the whole file is one document;
+  - a text file (any extension but .jsonl/.json/.parquet, or none: LICENSE, README): the whole file is one document;
   - a .jsonl / .json file: one JSON object per line, its `text_field` is a document;
   - a .parquet file with a string column `text_field`: each row is a document;
-  - a folder: every file inside (recursively, sorted) with a known extension (.txt .text .md .jsonl .json .parquet);
+  - a folder: every file inside, recursively, sorted, read by the rules above; hidden files and folders (.git,
+    .DS_Store) are left out, and files that are not UTF-8 text (images, archives, compiled code) are skipped and
+    counted, so a folder of mixed files just works;
   - `hf:NAME[:CONFIG][@SPLIT]`: `datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)` (needs the
     `data` extra and network or a local HF cache).
-Files must be UTF-8; a file that is not is a UserError naming it (decode and filter first).
+A text file named on its own must be UTF-8; one that is not is a UserError naming it (decode and filter first).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from recpre.errors import UserError
 
-TEXT_SUFFIXES = {".txt", ".text", ".md"}
 JSONL_SUFFIXES = {".jsonl", ".json"}
-FOLDER_SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | {".parquet"}
 
 
 def source_files(source: str | Path) -> list[Path]:
-    """The files a local source names; a missing path or a folder with no usable files is a UserError."""
+    """The files a local source names (a folder: all but hidden ones); a missing path or empty folder is a UserError."""
     path = Path(source)
     if not path.exists():
         raise UserError(f"input {path} does not exist; check the path")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     if not files:
-        raise UserError(f"input folder {path} holds no {'/'.join(sorted(FOLDER_SUFFIXES))} files; check the path")
+        raise UserError(f"input folder {path} holds no files (hidden ones are left out); check the path")
     return files
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None when it is not UTF-8 text (a NUL byte or an invalid sequence: binary).
+
+    The first 64 KiB are looked at first, so a large archive or image is not read whole to be skipped.
+    """
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        if b"\0" in head:
+            return None
+        data = head + f.read()
+    if b"\0" in data:
+        return None
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"input {path} is not UTF-8 text ({err.reason} at byte {err.start}); convert or remove it"
-        ) from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def skipped_note(skipped: Collection[Path]) -> str | None:
+    """One line for the user about the folder files left out as not UTF-8 text, or None when there were none."""
+    if not skipped:
+        return None
+    names = sorted(map(str, skipped))
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    files = "file that is" if len(names) == 1 else "files that are"
+    return f"skipped {len(names)} {files} not UTF-8 text (binary?): {shown}"
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -110,12 +133,16 @@ def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
         yield text
 
 
-def iter_documents(source: str | Path, text_field: str = "text") -> Iterator[str]:
-    """Documents of one source, in a fixed order; empty documents are skipped."""
+def iter_documents(source: str | Path, text_field: str = "text", skipped: set[Path] | None = None) -> Iterator[str]:
+    """Documents of one source, in a fixed order; empty documents are skipped.
+
+    Files of a folder that are not UTF-8 text are left out and added to `skipped` (see `skipped_note`).
+    """
     if isinstance(source, str) and source.startswith("hf:"):
         files_or_spec: list = [source]
     else:
         files_or_spec = source_files(source)
+    in_folder = not (isinstance(source, str) and source.startswith("hf:")) and Path(source).is_dir()
     for item in files_or_spec:
         if isinstance(item, str):
             docs: Iterator[str] = _hf_documents(item, text_field)
@@ -124,7 +151,12 @@ def iter_documents(source: str | Path, text_field: str = "text") -> Iterator[str
         elif item.suffix.lower() == ".parquet":
             docs = _parquet_documents(item, text_field)
         else:
-            docs = iter([_read_text(item)])
+            text = _read_text(item)
+            if text is None and not in_folder:
+                raise UserError(f"input {item} is not UTF-8 text; convert it, or remove it from --input")
+            if text is None and skipped is not None:
+                skipped.add(item)
+            docs = iter([text] if text is not None else [])
         for doc in docs:
             if doc:
                 yield doc

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from recpre.data.packed import COLUMN, open_packed, parquet_files
-from recpre.data.sources import iter_documents, source_files
+from recpre.data.sources import iter_documents, skipped_note, source_files
 from recpre.data.tokenizer import Tokenizer
 from recpre.errors import UserError
 
@@ -57,7 +57,8 @@ def raw_stats(source: str | Path, tokenizer: Tokenizer | None = None, text_field
     files = [str(source)] if str(source).startswith("hf:") else source_files(source)
     docs = chars = tokens = 0
     batch: list[str] = []
-    for doc in iter_documents(source, text_field):
+    skipped: set[Path] = set()
+    for doc in iter_documents(source, text_field, skipped):
         docs += 1
         chars += len(doc)
         if tokenizer is not None:
@@ -68,11 +69,12 @@ def raw_stats(source: str | Path, tokenizer: Tokenizer | None = None, text_field
     if batch and tokenizer is not None:
         tokens += sum(map(len, tokenizer.encode_batch(batch)))
     if docs == 0:
-        raise UserError(f"input {source} holds no documents (empty source)")
+        raise UserError(f"input {source} holds no documents ({skipped_note(skipped) or 'empty source'})")
     return {
         "source": str(source),
         "kind": "raw",
         "files": len(files),
+        "skipped_files": len(skipped),
         "documents": docs,
         "chars": chars,
         "tokens": tokens if tokenizer is not None else None,

@@ -2,6 +2,9 @@
 
 The folder loads with `transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` and gives
 recpre's logits (over the real vocabulary; padded embedding rows are dropped from the output, not the weights).
+A recurrent model is exported with a zero initial state by default, like recpre's own evaluation and generation:
+a model trained with `like-init` would otherwise draw fresh noise in every forward, so two calls on the same input
+would give different logits (and lm-eval scores would depend on the draw).
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ def hf_config(config, tokenizer=None, *, state_init: str | None = None) -> dict:
 
 
 def export_hf(
-    checkpoint: str | Path, output: str | Path, *, state_init: str | None = None, force: bool = False
+    checkpoint: str | Path, output: str | Path, *, state_init: str | None = "zero", force: bool = False
 ) -> Path:
-    """Write the Hugging Face folder for `checkpoint` to `output` (atomically: a temp folder renamed into place)."""
+    """Write the Hugging Face folder for `checkpoint` to `output` (atomically: a temp folder renamed into place).
+
+    state_init: the exported initial recurrent state; None keeps the checkpoint's (module docstring: why zero).
+    """
     from safetensors.torch import save_file
 
     from recpre.checkpoint import load_model, resolve_checkpoint
@@ -87,17 +93,43 @@ def export_hf(
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
         (tmp / "generation_config.json").write_text(json.dumps({**gen, "use_cache": False}, indent=2) + "\n")
-        (tmp / "README.md").write_text(
-            f"# {model.config.name}\n\nExported by recpre from `{folder.name}`. Load with\n\n"
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)\n"
-            "tokenizer = AutoTokenizer.from_pretrained(path)\n```\n\n"
-            "`model(input_ids, num_steps=r)` sets the recurrence depth of a recurrent model.\n",
-            encoding="utf-8",
-        )
+        readme = model_card(model.config, config["state_init"], folder.name, output.name)
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
+
+
+def model_card(config, state_init: str, checkpoint_name: str, folder_name: str) -> str:
+    """The exported README: how to load the folder and, for a recurrent model, how to pick depth and state."""
+    text = (
+        f"# {config.name}\n\nExported by recpre from `{checkpoint_name}`. Load with\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f'path = "{folder_name}"  # this folder\n'
+        "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)\n```\n"
+    )
+    if not config.is_recurrent:
+        return text
+    trained = (
+        " Training started it from random noise (`like-init`); setting `state_init` to `like-init` restores that, "
+        "with fresh noise (and different logits) in every forward."
+        if config.state_init == "like-init"
+        else " Training did the same."
+    )
+    noise = (
+        "The recurrence starts from a zero state (`state_init: zero` in config.json), so the same input always "
+        f"gives the same logits.{trained}\n"
+        if state_init == "zero"
+        else "The recurrence starts from fresh random noise in every forward (`state_init: like-init` in "
+        "config.json), as in training, so two calls on the same input give different logits; set `state_init` to "
+        "`zero` for deterministic outputs.\n"
+    )
+    return text + (
+        f"\n`model(input_ids, num_steps=r)` and `model.generate(input_ids, num_steps=r, ...)` run r iterations of the "
+        f"recurrent core (default: the mean, {config.mean_recurrence}); more iterations, more compute per token.\n\n"
+        + noise
+    )

@@ -6,7 +6,9 @@ Copied verbatim into an exported folder as `modeling_recpre.py`; it imports only
 
 works without recpre installed. Parameter names equal recpre's (`transformer.wte.weight`, `transformer.prelude.0...`),
 and the computation is the same: embed (times the embedding scale) -> prelude -> r iterations of
-core(adapter([s, e])) -> ln_f -> coda -> ln_f -> tied head. `num_steps=` on forward picks the recurrence depth.
+core(adapter([s, e])) -> ln_f -> coda -> ln_f -> tied head. `num_steps=` on forward and on `generate` picks the
+recurrence depth (default: the mean recurrence). The initial state follows config.json's `state_init`: `zero`
+(export's default) is deterministic; `like-init` draws fresh noise in every forward, as in training.
 No KV cache: generation recomputes the full sequence (use recpre.generation for cached decoding).
 """
 
@@ -277,8 +279,9 @@ class RecpreForCausalLM(PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, num_steps=None, **kwargs):
+        """Keeps `num_steps`, so `generate(..., num_steps=d)` decodes at depth d (each call may pick its own)."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "num_steps": num_steps}
 
 
 RecpreConfig.register_for_auto_class()
