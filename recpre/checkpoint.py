@@ -438,9 +438,7 @@ def save_checkpoint(
     name = checkpoint_name(step)
     tmp = root / f".tmp-{name}"
     try:
-        return _save_checkpoint(
-            root, step, model, model_config, settings_yaml, state, rank_state, fabric, keep, shards
-        )
+        return _save_checkpoint(root, step, model, model_config, settings_yaml, state, rank_state, fabric, keep, shards)
     except OSError as err:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -47,7 +46,7 @@ def common_args(corpus, steps: int) -> list[str]:
         "schedule.warmup_steps=1",
         "schedule.cooldown_steps=0",  # constant after warmup: the schedule does not depend on max_steps
         "eval.interval=1000",
-        "eval.max_batches=2",
+        "eval.max_batches=6",
         "checkpoint.interval=3",
         "checkpoint.keep=10",
         "checkpoint.save_before_end_min=0",
@@ -62,7 +61,13 @@ def common_args(corpus, steps: int) -> list[str]:
 def train(out: Path, nproc: int, args: list[str], expect: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "train.py", *args, f"run.out_dir={out}"]
     if nproc > 1:
-        head = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+        head = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+        ]
         cmd = [*head, "train.py", *args, f"run.out_dir={out}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)

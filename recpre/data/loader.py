@@ -353,7 +353,9 @@ class PackedLoader:
         why = None
         if self.weights is not None or len(self._streams) != 1:
             why = "a data mixture draws its sources per rank batch, so its order depends on the world size"
-        elif saved_usable != stream.usable and (any(int(e) for e in state.get("epochs", [])) or global_rows[0] >= stream.usable):
+        elif saved_usable != stream.usable and (
+            any(int(e) for e in state.get("epochs", [])) or global_rows[0] >= stream.usable
+        ):
             why = (
                 f"the source's {stream.source.num_rows} rows give {saved_usable} usable rows per epoch at "
                 f"{saved_world_size} ranks but {stream.usable} at {world}"
