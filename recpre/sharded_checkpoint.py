@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from recpre.errors import UserError
 
@@ -133,19 +134,22 @@ def read_tensors(folder: Path, prefix: str = "") -> dict[str, Any]:
     reader, planner = _reader_and_planner(folder)
     try:
         dcp.load(state, storage_reader=reader, planner=planner, no_dist=True)
-    except pickle.UnpicklingError as err:
+    except CheckpointException as err:
+        refused = next((c for c in _causes(err) if isinstance(c, pickle.UnpicklingError)), None)
+        if refused is None:
+            raise
+        found = next((line.strip() for line in str(refused).splitlines() if "GLOBAL" in line), "")
         raise UserError(
             f"{folder} holds an entry other than tensors and plain python values, which "
-            f"torch.load(weights_only=True) refuses ({str(err).splitlines()[0]}); delete that checkpoint folder"
+            f"torch.load(weights_only=True) refuses{f' ({found})' if found else ''}; it was not written by recpre "
+            "or was tampered with: delete that checkpoint folder or set run.resume to another one"
         ) from None
-    except Exception as err:  # DCP wraps every rank's failure in a CheckpointException
-        if "UnpicklingError" in repr(err) or "weights_only" in str(err):
-            raise UserError(
-                f"{folder} holds an entry other than tensors and plain python values, which "
-                "torch.load(weights_only=True) refuses; delete that checkpoint folder"
-            ) from None
-        raise
     return state
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """The per-rank errors DCP wraps in a CheckpointException (a BaseException: `except Exception` misses it)."""
+    return [failure[0] for failure in getattr(err, "failures", {}).values()]
 
 
 def model_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -208,4 +212,7 @@ def write_shards(folder: Path, tensors: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
 
     writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True)
-    dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
+    try:
+        dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
+    except CheckpointException as err:  # a full disk on any rank: its OSError, so the save fails cleanly
+        raise next((c for c in _causes(err) if isinstance(c, OSError)), RuntimeError(str(err))) from err

@@ -358,7 +358,7 @@ def test_secrets_never_reach_launcher_scripts(tiny_corpus, tmp_path):
 def sharded(tiny_corpus, tmp_path_factory):
     """A finished fsdp run (one process: DCP folders all the same) whose checkpoints are sharded."""
     run = tmp_path_factory.mktemp("sharded") / "run"
-    args = tiny_run_args(run, tiny_corpus, "train.max_steps=2", "checkpoint.interval=1", "eval.interval=0")
+    args = tiny_run_args(run, tiny_corpus, "train.max_steps=4", "checkpoint.interval=2", "eval.interval=0")
     proc = subprocess.run(
         [sys.executable, "train.py", *args, "fabric.strategy=fsdp", "fabric.device=cpu"],
         cwd=REPO,
@@ -367,17 +367,25 @@ def sharded(tiny_corpus, tmp_path_factory):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run / "checkpoints" / "step-00000002" / ".metadata").is_file()
+    assert (run / "checkpoints" / "step-00000004" / ".metadata").is_file()
     return run
 
 
 def test_a_pickle_payload_as_dcp_metadata_is_refused(sharded, tmp_path):
     run, marker = tmp_path / "run", tmp_path / "pwned"
     shutil.copytree(sharded, run)
-    folder = run / "checkpoints" / "step-00000002"
-    plant(folder / ".metadata", marker)
+    folder = run / "checkpoints" / "step-00000004"
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     reseal(folder)
-    with pytest.raises(UserError, match=r"\.metadata.*not one of DCP's metadata classes"):
+    with pytest.raises(AttributeError):  # the payload is live: stock DCP loading runs it (then trips on the result)
+        FileSystemReader(str(folder)).read_metadata()
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(UserError, match=r"\.metadata.*posix.system is not one of DCP's metadata classes"):
         load_model(folder)
     assert not marker.exists(), "the payload ran"
 
@@ -389,7 +397,7 @@ def test_a_pickle_payload_as_a_dcp_byte_entry_is_refused(sharded, tmp_path):
 
     run, marker = tmp_path / "run", tmp_path / "pwned"
     shutil.copytree(sharded, run)
-    folder = run / "checkpoints" / "step-00000002"
+    folder = run / "checkpoints" / "step-00000004"
     from recpre.sharded_checkpoint import read_tensors
 
     tensors = read_tensors(folder)
