@@ -93,7 +93,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str,
     fabric.barrier()
     fabric.teardown()
     if rank == 0:
-        queue.put({"step_s": step_s, "gathered": gathered, "sharded": sharded, "params": config.num_params})
+        queue.put({"step_s": step_s, "gathered": gathered, "sharded": sharded, "params": config.num_params()})
 
 
 def reshard_load(folder: Path, model_name: str, block: int) -> float:

@@ -3,7 +3,8 @@ stateful part (`RunState`) that a checkpoint saves and a resume restores, each i
 
 Parts implement `state_dict()` / `load_state_dict()`. Shared parts (optimizer, train state, the optimizer's
 identity) are written once by rank 0 into `state.pt`; per-rank parts (data loader position, RNG) go into each
-rank's own file; the weights go into `model.safetensors`. New capabilities (adapters, RL state, sharded
+rank's own file; the weights go into `model.safetensors`, or, for a sharded run, every rank writes its shards of
+weights and optimizer state through DCP (recpre/sharded_checkpoint.py), which any world size reads back. New capabilities (adapters, RL state, sharded
 optimizer state) register parts instead of growing the driver.
 """
 
