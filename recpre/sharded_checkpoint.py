@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,9 @@ def read_tensors(folder: Path, prefix: str = "") -> dict[str, Any]:
             state[name] = None
     reader, planner = _reader_and_planner(folder)
     try:
-        dcp.load(state, storage_reader=reader, planner=planner, no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(state, storage_reader=reader, planner=planner, no_dist=True)
     except CheckpointException as err:
         refused = next((c for c in _causes(err) if isinstance(c, pickle.UnpicklingError)), None)
         if refused is None:
