@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
 
 from recpre.errors import UserError
 
@@ -67,9 +66,8 @@ def writes_sharded(fabric: Any) -> bool:
     """Whether this run's state is spread over ranks, so each rank writes its own shards."""
     if fabric is None:
         return False
-    from recpre.fabric import SHARDED
-
-    return fabric.strategy in SHARDED or getattr(fabric, "_zero", None) is not None
+    # fsdp/hsdp are the strategies that build on meta (no rank holds the whole model); _zero: optimizer sharding
+    return bool(getattr(fabric, "builds_on_meta", False)) or getattr(fabric, "_zero", None) is not None
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -121,6 +119,7 @@ def read_tensors(folder: Path, prefix: str = "") -> dict[str, Any]:
     """Every entry of the DCP checkpoint in `folder` whose name starts with `prefix`, as whole CPU tensors
     (assembled from all ranks' shards) read in this process alone."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = read_metadata(folder)
@@ -213,6 +212,7 @@ def write_shards(folder: Path, tensors: dict[str, Any]) -> None:
     """Every rank writes its shards of `tensors` into `folder` (rank 0 also `.metadata`). Collective."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True)
     try:
