@@ -2,7 +2,9 @@
 
 A checkpoint is a folder `RUN/checkpoints/step-NNNNNNNN/`:
 
-    model.safetensors   weights (tied tensors stored once)
+    model.safetensors   weights (tied tensors stored once); a sharded run (fsdp, hsdp, optimizer sharding)
+                        writes instead, from every rank, DCP's `.metadata` and `__R_0.distcp` shards of the
+                        weights and optimizer state (recpre/sharded_checkpoint.py)
     state.pt            optimizer, counters, schedule, depth-sampler position, RNG and loader state of
                         rank 0; plain tensors and python types only, so `torch.load(weights_only=True)`
                         reads it (no arbitrary pickles)
@@ -38,6 +40,7 @@ from torch import nn
 from recpre.config import RECURRENCE_DEFAULTS, RUNTIME_FIELDS
 from recpre.errors import UserError
 from recpre.fabric import unwrap_model
+from recpre.sharded_checkpoint import DCP_METADATA, is_sharded_checkpoint, write_shards
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
@@ -163,9 +166,11 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{manifest_path} is not a valid manifest") from err
-    for required in (MODEL_FILE, STATE_FILE, CONFIG_FILE):
+    for required in (STATE_FILE, CONFIG_FILE):
         if required not in files:
             raise CheckpointError(f"{folder} manifest lists no {required}")
+    if MODEL_FILE not in files and DCP_METADATA not in files:  # weights: one file, or DCP shards (sharded runs)
+        raise CheckpointError(f"{folder} manifest lists neither {MODEL_FILE} nor {DCP_METADATA}")
     for name, meta in files.items():
         path = folder / name
         if not path.is_file():
@@ -417,11 +422,14 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     fabric: Any = None,
     keep: int = 0,
+    shards: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically under `root` (RUN/checkpoints) and point `latest` at it.
 
     `model` is the module or its full weights (name -> tensor, read on rank 0 only).
     `state` is shared by all ranks (written by rank 0); `rank_state` is this rank's own (loader, RNG).
+    With `shards` (recpre.sharded_checkpoint.local_shards), each rank writes its own shards through DCP
+    instead of rank 0 writing `model`.
     Every rank must call this; on a shared filesystem each rank writes its own rank file. A failed write (disk
     full) removes the partial temp folder and raises CheckpointSaveError; `latest` keeps naming the previous one.
     """
@@ -430,7 +438,7 @@ def save_checkpoint(
     name = checkpoint_name(step)
     tmp = root / f".tmp-{name}"
     try:
-        return _save_checkpoint(root, step, model, model_config, settings_yaml, state, rank_state, fabric, keep)
+        return _save_checkpoint(root, step, model, model_config, settings_yaml, state, rank_state, fabric, keep, shards)
     except OSError as err:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -455,6 +463,7 @@ def _save_checkpoint(
     rank_state: dict[str, Any],
     fabric: Any,
     keep: int,
+    shards: dict[str, Any] | None = None,
 ) -> Path:
     from safetensors.torch import save_file, save_model
 
@@ -470,14 +479,17 @@ def _save_checkpoint(
         tmp.mkdir()
     if world > 1:
         fabric.barrier()
+    if shards is not None:
+        _write_file(tmp / DCP_METADATA, lambda path: write_shards(path.parent, shards))
     if rank != 0:
         _write_file(tmp / rank_file(rank), lambda path: torch.save(rank_state, path))
     else:
-        if isinstance(model, nn.Module):
-            weights, write = unwrap_model(model), save_model
-        else:  # full weights (SimpleFabric.full_state_dict): a module's state_dict holds tied tensors once
-            weights, write = {k: v.contiguous() for k, v in model.items()}, save_file
-        _write_file(tmp / MODEL_FILE, lambda path: write(weights, str(path), metadata={"step": str(step)}))
+        if shards is None:
+            if isinstance(model, nn.Module):
+                weights, write = unwrap_model(model), save_model
+            else:  # full weights (SimpleFabric.full_state_dict): a module's state_dict holds tied tensors once
+                weights, write = {k: v.contiguous() for k, v in model.items()}, save_file
+            _write_file(tmp / MODEL_FILE, lambda path: write(weights, str(path), metadata={"step": str(step)}))
         shared = {"format": FORMAT_VERSION, "step": step, "world_size": world, **state, "rank": rank_state}
         _write_file(tmp / STATE_FILE, lambda path: torch.save(shared, path))
         (tmp / SETTINGS_FILE).write_text(settings_yaml, encoding="utf-8")
@@ -611,6 +623,10 @@ def open_weights(source: str | Path, *, config: dict[str, Any] | None = None) ->
         folder = resolve_checkpoint(source)
         if config is not None:
             check_same_shape(folder, config)
+        if is_sharded_checkpoint(folder):
+            from recpre.sharded_checkpoint import model_weights
+
+            return folder / DCP_METADATA, model_weights(folder)
         file = folder / MODEL_FILE
     try:
         return file, _LazyWeights(file)
@@ -636,6 +652,8 @@ def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any]
         folder = resolve_checkpoint(source)
         if config is not None:
             check_same_shape(folder, config)
+        if is_sharded_checkpoint(folder):
+            return _load_sharded_weights(model, folder)
         file = folder / MODEL_FILE
     try:
         st_load_model(unwrap_model(model), str(file), strict=True)
@@ -647,6 +665,18 @@ def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any]
             "delete that checkpoint folder or load another one"
         ) from None
     return file
+
+
+def _load_sharded_weights(model: nn.Module, folder: Path) -> Path:
+    """The whole model from the DCP shards of a sharded run's checkpoint, in this process."""
+    from recpre.sharded_checkpoint import model_weights
+
+    weights = model_weights(folder)
+    try:
+        unwrap_model(model).load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"weights in {folder} do not fit this model ({str(err).splitlines()[0]})") from err
+    return folder / DCP_METADATA
 
 
 def resume_differences(folder: Path, settings_yaml: str) -> list[str]:

@@ -3,7 +3,8 @@ stateful part (`RunState`) that a checkpoint saves and a resume restores, each i
 
 Parts implement `state_dict()` / `load_state_dict()`. Shared parts (optimizer, train state, the optimizer's
 identity) are written once by rank 0 into `state.pt`; per-rank parts (data loader position, RNG) go into each
-rank's own file; the weights go into `model.safetensors`. New capabilities (adapters, RL state, sharded
+rank's own file; the weights go into `model.safetensors`, or, for a sharded run, every rank writes its shards of
+weights and optimizer state through DCP (recpre/sharded_checkpoint.py), which any world size reads back. New capabilities (adapters, RL state, sharded
 optimizer state) register parts instead of growing the driver.
 """
 
@@ -19,6 +20,7 @@ import torch
 from recpre.checkpoint import MODEL_FILE, load_state, rng_state, save_checkpoint, set_rng_state
 from recpre.errors import UserError
 from recpre.guardrails import LossSpikeGuard
+from recpre.sharded_checkpoint import is_sharded_checkpoint, local_shards, read_full_state, writes_sharded
 
 
 class Stateful(Protocol):
@@ -100,6 +102,11 @@ class RngState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_rng_state(state, self.device)
 
+    def load_state_dict_from_world(self, state: dict[str, Any], saved_world_size: int) -> None:
+        """At another world size the generators keep this run's fresh per-rank seeding: what a step draws that
+        must not change with the world size (depths, initial-state noise) is keyed by (seed, step, global
+        micro-batch), not by these streams."""
+
 
 @dataclass
 class RunState:
@@ -121,39 +128,52 @@ class RunState:
     per_rank: dict[str, Stateful] = field(default_factory=dict)
 
     def save(self, step: int) -> Path:
-        """Write checkpoint `step` (every rank calls this); returns its folder."""
-        full = self.backend.full_state(self.fabric, self.model, self.optimizer)
+        """Write checkpoint `step` (every rank calls this); returns its folder. A sharded run's ranks each write
+        their own shards (recpre/sharded_checkpoint.py); the others save the gathered single-file format."""
+        shards = None
+        if writes_sharded(self.fabric):
+            shards, optimizer = local_shards(self.fabric, self.model, self.optimizer)
+            weights = None
+        else:
+            full = self.backend.full_state(self.fabric, self.model, self.optimizer)
+            weights, optimizer = full["model"], full["optimizer"]
         return save_checkpoint(
             self.root,
             step,
-            model=full["model"],
+            model=weights,
             model_config=self.model_config,
             settings_yaml=self.settings_yaml,
-            state={"optimizer": full["optimizer"], **{name: p.state_dict() for name, p in self.shared.items()}},
+            state={"optimizer": optimizer, **{name: p.state_dict() for name, p in self.shared.items()}},
             rank_state={name: part.state_dict() for name, part in self.per_rank.items()},
             fabric=self.fabric,
             keep=self.keep,
+            shards=shards,
         )
 
     def restore(self, ckpt: Path) -> bool:
         """Weights and every registered part from `ckpt` (verified by rank 0 before); False when it holds
         weights only (an imported checkpoint: training starts at step 0)."""
-        state = upgrade_legacy_state(load_state(ckpt, self.fabric.rank))
-        self.backend.load_weights(self.fabric, self.model, ckpt / MODEL_FILE)
+        saved_world = int(load_state(ckpt, 0).get("world_size", self.fabric.world_size))
+        same_world = saved_world == self.fabric.world_size
+        state = upgrade_legacy_state(load_state(ckpt, self.fabric.rank if same_world else 0))
+        full = None
+        if is_sharded_checkpoint(ckpt):  # every rank reads the whole state and keeps its part: any world size
+            full = read_full_state(ckpt, state.get("optimizer") or {"param_groups": []})
+            self.fabric.load_full_state_dict(self.model, None, {"model": full["model"]}, source=str(ckpt))
+        else:
+            self.backend.load_weights(self.fabric, self.model, ckpt / MODEL_FILE)
         if "optimizer" not in state:
             return False
-        if state.get("world_size", self.fabric.world_size) != self.fabric.world_size:
-            raise UserError(
-                f"checkpoint {ckpt} was written by {state['world_size']} ranks but this run has "
-                f"{self.fabric.world_size}; resume with the same number of ranks, or start a new run with "
-                f"run.init_from={ckpt}"
-            )
         for name, part in self.shared.items():  # the optimizer's identity is checked before its state loads
             if name in state:
                 if hasattr(part, "source"):
                     part.source = str(ckpt)
                 part.load_state_dict(state[name])
-        self.backend.load_optimizer(self.fabric, self.model, self.optimizer, state["optimizer"], str(ckpt))
+        saved_optimizer = full["optimizer"] if full is not None else state["optimizer"]
+        self.backend.load_optimizer(self.fabric, self.model, self.optimizer, saved_optimizer, str(ckpt))
+        if not same_world:
+            self._restore_per_rank_from_world(ckpt, state["rank"], saved_world)
+            return True
         if state["rank"] is None:
             if self.fabric.is_main:
                 message = f"warning: {ckpt} has no state for rank {self.fabric.rank}; its data order restarts"
@@ -162,3 +182,16 @@ class RunState:
         for name, part in self.per_rank.items():
             part.load_state_dict(state["rank"][name])
         return True
+
+    def _restore_per_rank_from_world(self, ckpt: Path, rank0: dict[str, Any], saved_world: int) -> None:
+        """Per-rank parts from rank 0's copy, each converted for this world size (or refused where it cannot be
+        exact, by the part, in one sentence)."""
+        for name, part in self.per_rank.items():
+            convert = getattr(part, "load_state_dict_from_world", None)
+            if convert is None:
+                raise UserError(
+                    f"checkpoint {ckpt} was written by {saved_world} ranks but this run has "
+                    f"{self.fabric.world_size}, and its {name!r} state cannot be converted to another world size; "
+                    f"resume with {saved_world} ranks, or start a new run with run.init_from={ckpt}"
+                )
+            convert(rank0[name], saved_world)

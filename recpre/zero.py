@@ -203,6 +203,33 @@ class ZeroOptimizer:
         out_groups = [dict(g, params=[position[i] for i in members]) for g, members in zip(groups, self.full_groups)]
         return {"state": {position[i]: v for i, v in state.items()}, "param_groups": out_groups}
 
+    def sharded_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """This rank's slices for a sharded checkpoint, keyed `POSITION/KEY@OFFSET` (flat, in the single-process
+        parameter order, so any world size reassembles them), and on rank 0 the rest (scalars, shapes, groups)
+        a single process would hold (None elsewhere). Collective over the shard group."""
+        position = {i: k for k, i in enumerate(i for members in self.full_groups for i in members)}
+        local = self.inner.state
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[int, dict[str, Any]] = {}
+        for shard, (i, a, n) in zip(self.shards, self.pieces):
+            for key, value in local.get(shard, {}).items():
+                if torch.is_tensor(value) and value.numel() == n and value.dim() > 0:
+                    tensors[f"{position[i]}/{key}@{a}"] = value.detach().reshape(-1)
+                else:
+                    scalars.setdefault(position[i], {})[key] = value.detach().cpu() if torch.is_tensor(value) else value
+        gathered: list[Any] = [None] * self.shard_size
+        dist.all_gather_object(gathered, scalars, group=self.group)
+        if self.rank != 0:
+            return tensors, None
+        merged: dict[int, dict[str, Any]] = {}
+        for part in gathered:
+            for k, v in part.items():
+                merged.setdefault(k, {}).update(v)
+        groups = self.inner.state_dict()["param_groups"]
+        out_groups = [dict(g, params=[position[i] for i in members]) for g, members in zip(groups, self.full_groups)]
+        shapes = {position[i]: list(p.shape) for i, p in enumerate(self.params)}
+        return tensors, {"state": merged, "shapes": shapes, "param_groups": out_groups}
+
     def load_full_state_dict(self, saved: dict[str, Any], *, source: str) -> None:
         """Take this rank's slices of a single-process optimizer state (hyperparameters stay this run's)."""
         order = [i for members in self.full_groups for i in members]

@@ -77,3 +77,41 @@ def test_a_position_saved_under_another_seed_block_size_or_mixture_is_refused(da
         other.load_state_dict(state)
     # refused whole: the loader is untouched and starts where a fresh one does
     assert all(torch.equal(a, b) for a, b in zip(batches(other, 2), batches(fresh, 2)))
+
+
+def _ranks(path, world, **kw):
+    return [
+        PackedLoader(path, block_size=8, micro_batch_size=2, rank=r, world_size=world, prefetch=0, **kw)
+        for r in range(world)
+    ]
+
+
+@pytest.mark.parametrize(("saved", "now"), [(2, 3), (3, 1), (1, 2)])
+def test_a_position_saved_at_one_world_size_continues_at_another(data, saved, now):
+    """The global micro-batch order goes on from the same global micro-batch whatever the new world size."""
+    path = data["a8"]
+    reference = _ranks(path, 6)  # global micro-batch g is rank g % 6's batch g // 6
+    expected = [next(reference[g % 6])[0] for g in range(12)]  # global micro-batches 0 .. 11
+    old = _ranks(path, saved)
+    for _ in range(6 // saved):  # 6 global micro-batches taken
+        for it in old:
+            next(it)
+    state = old[0].state_dict()
+    new = _ranks(path, now)
+    for it in new:
+        it.load_state_dict_from_world(state, saved)
+    got = [next(new[g % now])[0] for g in range(6)]
+    for g, batch in enumerate(got):
+        assert torch.equal(batch, expected[6 + g]), f"global micro-batch {6 + g}"
+
+
+def test_a_mixture_position_is_refused_at_another_world_size(data):
+    old = PackedLoader(
+        [data["a8"], data["b8"]], block_size=8, micro_batch_size=2, rank=0, world_size=2, weights=[1.0, 1.0], prefetch=0
+    )
+    next(old)
+    new = PackedLoader(
+        [data["a8"], data["b8"]], block_size=8, micro_batch_size=2, rank=0, world_size=1, weights=[1.0, 1.0], prefetch=0
+    )
+    with pytest.raises(UserError, match="cannot be continued exactly by 1: a data mixture"):
+        new.load_state_dict_from_world(old.state_dict(), 2)

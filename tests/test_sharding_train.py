@@ -91,18 +91,30 @@ def run(out: Path, nproc: int, args: list[str]) -> dict:
     return result(out)
 
 
-def result(out: Path) -> dict:
+def checkpoint_contents(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, optimizer state in the single-process format) of a single-file or a sharded (DCP) checkpoint."""
     from safetensors.torch import load_file
 
+    from recpre.sharded_checkpoint import is_sharded_checkpoint, read_full_state
+
+    state = torch.load(folder / "state.pt", weights_only=True)
+    if is_sharded_checkpoint(folder):
+        full = read_full_state(folder, state["optimizer"])
+        return full["model"], full["optimizer"]
+    return load_file(folder / "model.safetensors"), state["optimizer"]
+
+
+def result(out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    weights, optimizer = checkpoint_contents(out / "checkpoints" / "step-00000004")
     return {
         "losses": [r["loss"] for r in rows if "loss" in r],
         "grad_norms": [r["grad_norm"] for r in rows if "loss" in r],
         "skipped": [r["step"] for r in rows if r.get("event") == "skipped_step"],
         "val": [r["val_loss"] for r in rows if "val_loss" in r],
         "memory": [r for r in rows if r.get("event") == "memory"],
-        "weights": load_file(out / "checkpoints" / "step-00000004" / "model.safetensors"),
-        "optimizer": torch.load(out / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)["optimizer"],
+        "weights": weights,
+        "optimizer": optimizer,
     }
 
 

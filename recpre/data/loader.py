@@ -356,6 +356,38 @@ class PackedLoader:
         self._state = self._snapshot(int(state["batches"]))
         self._done = False
 
+    def load_state_dict_from_world(self, state: dict, saved_world_size: int) -> None:
+        """Resume a position saved at another world size: the same global micro-batch, dealt to this world size.
+
+        Exact for one unweighted source (a mixture draws its sources per rank batch) at a position whole over this
+        world size, within the first epoch (its order is the same at every world size up to where each stops) or
+        when the usable rows per epoch are the same at both world sizes; refused otherwise."""
+        world, mb = self.world_size, self.micro_batch_size
+        stream = self._streams[0]
+        saved_usable = stream.source.num_rows // (saved_world_size * mb) * (saved_world_size * mb)
+        global_batches = int(state.get("batches", 0)) * saved_world_size
+        global_rows = [int(pos) * saved_world_size for pos in state.get("positions", [])]
+        why = None
+        if self.weights is not None or len(self._streams) != 1:
+            why = "a data mixture draws its sources per rank batch, so its order depends on the world size"
+        elif saved_usable != stream.usable and (
+            any(int(e) for e in state.get("epochs", [])) or global_rows[0] >= stream.usable
+        ):
+            why = (
+                f"the source's {stream.source.num_rows} rows give {saved_usable} usable rows per epoch at "
+                f"{saved_world_size} ranks but {stream.usable} at {world}"
+            )
+        elif global_batches % world or any(r % (world * mb) for r in global_rows):
+            why = f"its position ({global_batches} global micro-batches) is not a whole number of {world}-rank steps"
+        if why is not None:
+            raise UserError(
+                f"the data position saved by {saved_world_size} ranks cannot be continued exactly by {world}: {why}; "
+                f"resume with {saved_world_size} ranks"
+            )
+        converted = dict(state, world_size=world, batches=global_batches // world)
+        converted["positions"] = [r // world for r in global_rows]
+        self.load_state_dict(converted)
+
     def reset(self) -> None:
         """Back to the first batch of epoch 0 (e.g. to run the same validation batches again)."""
         self._shutdown()
