@@ -39,8 +39,8 @@ from torch import nn
 
 from recpre.config import RECURRENCE_DEFAULTS, RUNTIME_FIELDS
 from recpre.errors import UserError
-from recpre.fabric import unwrap_model
 from recpre.sharded_checkpoint import DCP_METADATA, is_sharded_checkpoint, write_shards
+from recpre.unwrap import unwrap_model
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"

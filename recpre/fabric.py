@@ -8,7 +8,7 @@ collective plugin at scale: docs/huginn.md).
 With `optimizer_sharding` the same stream reduce-scatters and all-gathers (ZeRO-1, recpre/zero.py); `fsdp` and
 `hsdp` shard parameters, gradients and optimizer state with torch's FSDP2 (recpre/sharding.py). The driver calls the
 same methods under every strategy: setup_model, setup_optimizer, no_sync, all_reduce_gradients, clip_grad_norm,
-optimizer_step, full_state_dict / load_full_state_dict / load_weights and memory_report.
+optimizer_step, full_state_dict / load_full_state_dict and memory_report.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from recpre.errors import UserError
 from recpre.grad_stream import GradStream as _GradStream
 from recpre.grad_stream import StreamError
 from recpre.settings import DEVICES, PRECISIONS, STRATEGIES
+from recpre.unwrap import unwrap_model
 
 __all__ = ["FabricError", "SimpleFabric", "unwrap_model", "parse_slurm_nodelist", "discover_processes", "ProcessInfo"]
 
@@ -440,17 +441,6 @@ class SimpleFabric:
         else:
             load_optimizer_state(optimizer, saved, source=source)
 
-    def load_weights(self, model: nn.Module, source: Any, config: dict[str, Any] | None = None) -> Any:
-        """Weights from a recpre checkpoint/run folder or a .safetensors file (recpre.checkpoint's
-        load_weights); sharded models read one tensor at a time and keep their shard of it."""
-        from recpre.checkpoint import load_weights, open_weights
-
-        if self.strategy not in SHARDED:
-            return load_weights(model, source, config=config)
-        path, weights = open_weights(source, config=config)
-        self.load_full_state_dict(model, None, {"model": weights}, source=str(path))
-        return path
-
     def memory_report(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
         """The memory event: this rank's bytes of parameters, gradients and optimizer state as held (measured from
         the tensors' storage), and the device allocator's peak where there is one."""
@@ -534,17 +524,6 @@ class SimpleFabric:
             import torch_xla
 
             torch_xla.sync()
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, for state dicts."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from recpre import xla as xla_helpers
-from recpre.fabric import unwrap_model
+from recpre.unwrap import unwrap_model
 
 
 class EagerStep:
@@ -62,7 +62,10 @@ class EagerStep:
         return fabric.full_state_dict(model, optimizer)
 
     def load_weights(self, fabric: Any, model: nn.Module, path: Path) -> None:
-        fabric.load_weights(model, path)
+        """Weights of a checkpoint file; a model the fabric has sharded takes them one tensor at a time."""
+        from recpre.weights import load_initial_weights
+
+        load_initial_weights(model, path, fabric=fabric)
 
     def load_optimizer(self, fabric: Any, model: nn.Module, optimizer: Any, saved: dict, source: str) -> None:
         fabric.load_full_state_dict(model, optimizer, {"optimizer": saved}, source=source)

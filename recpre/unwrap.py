@@ -1,0 +1,19 @@
+"""The plain module under the wrappers the fabric and torch.compile put around it.
+
+Kept in a module of its own, below both the fabric and the checkpoint writer, which each need it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, for state dicts."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
