@@ -17,7 +17,8 @@ real queries, and padded query rows get zero output gradient, so they add nothin
 real queries would attend to padded keys, so one extra head-dim channel carries a large negative score to
 every padded key (q channel = a, padded k channel = -a, real k channel = 0: real scores are unchanged and
 padded keys get weight exp(-1e4) = 0); that needs head_dim < 128. Document masks are not supported by the
-AWS kernels (auto falls back to eager for masked calls on XLA).
+AWS kernels (auto falls back to eager for masked calls on XLA). On the native TorchNeuron device (trn2/trn3)
+the same kernels run as registered custom ops: recpre/attention/nki_native.py.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from recpre import neuron
 from recpre.attention import eager_attention, register
 from recpre.errors import UserError
 
@@ -115,14 +117,17 @@ def _importable(name: str) -> bool:
 
 
 def is_available() -> bool:
-    if _override or _default:
+    if _override or _default or neuron.runtime().installed():
         return True
     return _importable("torch_xla") and _importable("neuronxcc")
 
 
 def _reason() -> str:
     missing = [m for m in ("torch_xla", "neuronxcc") if not _importable(m)]
-    return f"{', '.join(missing)} not importable: nki runs only on Trainium with {_EXTRA}"
+    return (
+        f"{', '.join(missing)} not importable: nki runs only on Trainium, with {_EXTRA} (trn1, XLA), "
+        f"or torch-neuronx 2.13+ ({neuron.INSTALL_STEPS})"
+    )
 
 
 def padded_length(seq: int) -> tuple[int, int]:
@@ -145,7 +150,7 @@ def rows_to_lse(rows: torch.Tensor) -> torch.Tensor:
     return rows.reshape(b, h, s // PARTITIONS, PARTITIONS).transpose(-1, -2).contiguous()
 
 
-def _to_kernel_layout(q, k, v, causal: bool, scale: float):
+def to_kernel_layout(q, k, v, causal: bool, scale: float):
     """Pad (sequence, and the bias channel when non-causal padding needs it) and lay out as the kernels want.
 
     Returns q_t [b, h, d', S], k_t [b, kv_h, d', S], v_p [b, kv_h, S, d'], seq_tile_size.
@@ -180,7 +185,7 @@ class NkiFlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, causal: bool, scale: float):
         kern = kernels()
         batch, heads, seq, head_dim = q.shape
-        q_t, k_t, v_p, tile = _to_kernel_layout(q, k, v, causal, scale)
+        q_t, k_t, v_p, tile = to_kernel_layout(q, k, v, causal, scale)
         seed = kern.seed(q.device)
         o_p, lse = kern.fwd[batch, heads](
             q_t,
@@ -247,6 +252,10 @@ def nki_attention(
     if q.shape[-2] != k.shape[-2]:
         # Incremental decoding (fewer queries than keys) is not what the training kernels do.
         return eager_attention(q, k, v, causal=causal, scale=scale)
+    if q.device.type == neuron.runtime().device_type:  # the native TorchNeuron device: the registered op
+        from recpre.attention.nki_native import native_attention
+
+        return native_attention(q, k, v, causal=causal, scale=scale)
     scale = head_dim**-0.5 if scale is None else scale
     return NkiFlashAttention.apply(q, k, v, causal, scale)
 
@@ -257,7 +266,7 @@ register(
     is_available=is_available,
     gqa=True,
     extra=_EXTRA,
-    devices=("xla",),
+    devices=("xla", neuron.DEVICE_TYPE),
     documents=False,
     unavailable_reason=_reason,
 )
