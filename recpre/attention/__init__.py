@@ -49,7 +49,13 @@ class Backend:
 _BACKENDS: dict[str, Backend] = {}
 # Preference order for `auto`, per device type.
 # neuron: nki is chosen explicitly until tests/neuron has passed on trn2 (docs/trainium.md).
-_AUTO_ORDER = {"cuda": ("flash", "sdpa"), "xla": ("nki", "eager"), "neuron": ("sdpa",), "cpu": ("sdpa",), "mps": ("sdpa",)}
+_AUTO_ORDER = {
+    "cuda": ("flash", "sdpa"),
+    "xla": ("nki", "eager"),
+    "neuron": ("sdpa",),
+    "cpu": ("sdpa",),
+    "mps": ("sdpa",),
+}
 
 
 def register(
