@@ -75,12 +75,11 @@ def test_neuron_device_per_local_rank_and_sharded_strategies_allowed():
 
 
 def test_neuron_without_torch_neuronx_is_refused_naming_the_install():
-    with neuron.use_runtime(FakeNeuronRuntime(installed=False)):
-        with pytest.raises(UserError, match=r"torch-neuronx.*neuron-sdk-2\.33\.txt.*pip\.repos\.neuron"):
-            SimpleFabric(fabric_settings(device="neuron"), env={})
-    with neuron.use_runtime(FakeNeuronRuntime(cores=0)):
-        with pytest.raises(UserError, match="no NeuronCore is visible"):
-            SimpleFabric(fabric_settings(device="neuron"), env={})
+    install = r"torch-neuronx.*neuron-sdk-2\.33\.txt.*pip\.repos\.neuron"
+    with neuron.use_runtime(FakeNeuronRuntime(installed=False)), pytest.raises(UserError, match=install):
+        SimpleFabric(fabric_settings(device="neuron"), env={})
+    with neuron.use_runtime(FakeNeuronRuntime(cores=0)), pytest.raises(UserError, match="no NeuronCore is visible"):
+        SimpleFabric(fabric_settings(device="neuron"), env={})
 
 
 def test_train_refuses_neuron_without_torch_neuronx_before_the_run_folder(tmp_path):
