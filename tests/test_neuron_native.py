@@ -189,3 +189,24 @@ def test_two_process_ddp_on_the_neuron_device_through_the_runtime_backend():
 
 if __name__ == "__main__" and sys.argv[1:] == ["ddp"]:
     ddp_on_fake_neuron()
+
+
+def test_compile_through_the_runtime_backend_does_not_recompile_across_depths(fake):
+    from torch._dynamo.utils import counters
+
+    from recpre.config import ModelConfig
+    from recpre.model import build_model, compile_blocks
+
+    fabric = SimpleFabric(fabric_settings(device="neuron", precision="fp32"), env={})
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("debug-recurrent", n_embd=32, n_heads=2, intermediate_size=64)
+    model = fabric.setup_model(build_model(config))
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(fabric.unwrap(model), **fabric.compile_options())  # as train.py does
+    ids = torch.randint(0, 100, (2, 16))
+    seen = []
+    for steps in (1, 2, 5, 3):
+        model(ids, labels=ids, num_steps=steps).loss.backward()
+        seen.append(counters["stats"]["unique_graphs"])
+    assert seen[0] >= 1 and seen == [seen[0]] * 4, seen
