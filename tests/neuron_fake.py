@@ -54,7 +54,6 @@ class FakeNeuronRuntime:
     name = "fake"
     device_type = "cpu"  # the fake's neuron device is the CPU
     dist_backend = "gloo"
-    compile_backend = "eager"
 
     def __init__(self, *, installed: bool = True, cores: int = 2) -> None:
         self._installed, self.cores = installed, cores
@@ -63,6 +62,12 @@ class FakeNeuronRuntime:
         self.devices_asked: list[int] = []
         self.ops: dict[str, Any] = {}
         self.kernels = RecordingKernels(standin_kernels())
+        self.compiled: list[Any] = []  # FX graphs handed to the compile backend
+        self.compile_backend = self._compile  # torch.compile(backend=...) takes a callable too
+
+    def _compile(self, graph_module: Any, example_inputs: Any) -> Any:
+        self.compiled.append(graph_module)
+        return graph_module.forward
 
     def installed(self) -> bool:
         return self._installed

@@ -6,6 +6,7 @@ compile backend, the install refusal, and the NKI attention op (registration, au
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from attention_cases import Case, forward_backward, make_inputs
+from conftest import tiny_run_args
 from neuron_fake import FakeNeuronRuntime
 
 import recpre.attention as attention
@@ -24,6 +26,7 @@ from recpre import neuron
 from recpre.attention import eager_attention, nki_native
 from recpre.errors import UserError
 from recpre.fabric import SimpleFabric
+from recpre.monitor import read_metrics
 from recpre.settings import DEVICES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +54,7 @@ def test_neuron_is_a_device_setting():
 def test_device_neuron_uses_the_runtime_device_backend_and_compile_backend(fake):
     fabric = SimpleFabric(fabric_settings(device="neuron"), env={})
     assert fabric.native_neuron and fabric.backend == fake.dist_backend == "gloo"
-    assert fabric.compile_options() == {"backend": "eager"}
+    assert fabric.compile_options() == {"backend": fake.compile_backend}
     assert fake.devices_asked[-1] == 0 and fake.loads >= 1
     plain = SimpleFabric(fabric_settings(device="cpu"), env={})
     assert not plain.native_neuron and plain.compile_options() == {}
@@ -210,3 +213,22 @@ def test_compile_through_the_runtime_backend_does_not_recompile_across_depths(fa
         model(ids, labels=ids, num_steps=steps).loss.backward()
         seen.append(counters["stats"]["unique_graphs"])
     assert seen[0] >= 1 and seen == [seen[0]] * 4, seen
+    assert fake.compiled  # the graphs went through the runtime's compile backend
+
+
+def test_train_py_runs_on_the_neuron_device_with_eager_steps_and_compiled_blocks(
+    fake, train_module, tiny_corpus, tmp_path
+):
+    """The whole driver on the (fake) native device: device, backend, compile backend, EagerStep."""
+    from recpre.step_backends import EagerStep, XlaStep, step_backend
+
+    fake.compiled.clear()
+    asked = len(fake.devices_asked)
+    argv = tiny_run_args(tmp_path / "run", tiny_corpus, "fabric.device=neuron", "model.compile=true")
+    argv += ["train.max_steps=5", "eval.interval=0", "checkpoint.interval=0"]
+    assert train_module.main(argv) == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
+    assert len(fake.devices_asked) > asked and fake.compiled  # train.py compiled through the runtime's backend
+    backend = step_backend("single", None)
+    assert type(backend) is EagerStep and not isinstance(backend, XlaStep)
