@@ -24,7 +24,7 @@ Which names are confirmed from the Neuron documentation, and where (checked 2026
              assumed to be torch.library's)
   UNVERIFIED the flash-attention kernels for the native path: `neuronxcc.nki.kernels.attention.flash_fwd` /
              `flash_attn_bwd` are documented for the XLA-era SDKs (<= 2.29); aws-neuron/nki-library's
-             attention kernels may replace them. recpre calls them through recpre.attention.nki.NkiKernels.
+             attention kernels may replace them. recpre calls them through recpre.attention.nki_kernels.NkiKernels.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class NeuronRuntime:
         return nki_op(name, mutates_args=())(fn)
 
     def attention_kernels(self) -> Any:
-        """The flash-attention kernels as recpre.attention.nki.NkiKernels (UNVERIFIED on the native path)."""
-        from recpre.attention.nki import aws_kernels
+        """The flash-attention kernels as NkiKernels (UNVERIFIED on the native path)."""
+        from recpre.attention.nki_kernels import aws_kernels
 
         return aws_kernels()
 

@@ -7,7 +7,7 @@ recpre/neuron.py, `nki_op` on hardware), so eager mode and torch.compile(backend
     recpre::nki_flash_fwd(q_t, k_t, v_p, causal, scale, tile) -> (o_p, lse)    with register_autograd ->
     recpre::nki_flash_bwd(q_t, k_t, v_t, o_t, dy_t, lse, causal, scale) -> (dq_t, dk_t, dv_t)
 
-The layouts, padding and lse format are the XLA path's (recpre.attention.nki's contract); the padding and
+The layouts, padding and lse format are the XLA path's (recpre/attention/nki_kernels.py); the padding and
 transposes around the op are plain torch ops, so autograd carries gradients through them. Document masks
 are refused: the kernels have no per-document mask.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from recpre import neuron
-from recpre.attention import nki
+from recpre.attention.nki_kernels import to_kernel_layout
 from recpre.errors import UserError
 
 FWD_OP = "recpre::nki_flash_fwd"
@@ -102,7 +102,7 @@ def native_attention(
         )
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
-    q_t, k_t, v_p, tile = nki.to_kernel_layout(q, k, v, causal, scale)
+    q_t, k_t, v_p, tile = to_kernel_layout(q, k, v, causal, scale)
     fwd_op, _ = ops()
     o_p, _lse = fwd_op(q_t, k_t, v_p, causal, scale, tile)
     return o_p[:, :, : q.shape[-2], :head_dim]
