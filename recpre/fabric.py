@@ -120,7 +120,9 @@ class SimpleFabric:
                 "fabric.shard_size (hsdp) or fabric.shard_group=world to a size that divides the world."
             )
         if self.strategy in SHARDED and self.device.type not in ("cuda", "cpu", neuron.DEVICE_TYPE):
-            raise UserError(f"fabric.strategy={self.strategy} runs on CUDA/ROCm GPUs or the CPU, not on {self.device}.")
+            raise UserError(
+                f"fabric.strategy={self.strategy} runs on CUDA/ROCm, Neuron or the CPU, not on {self.device}."
+            )
         if self.offload and self.device.type != "cuda":
             raise UserError(
                 f"fabric.offload=true keeps GPU memory in CPU memory, but this run is on {self.device}; "
