@@ -336,7 +336,8 @@ def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | Non
         fabric.print(f"starting from the weights of {ckpt} (no optimizer state: an imported checkpoint)")
     backend.prepare(model, optimizer)
     if settings.model.compile:
-        compile_blocks(fabric.unwrap(model))  # per block: one graph whatever the sampled depth
+        # per block: one graph whatever the sampled depth; the Neuron backend on the native device
+        compile_blocks(fabric.unwrap(model), **fabric.compile_options())
 
     if fabric.is_main:  # everything is valid: only now does the run folder appear
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from recpre import neuron
 from recpre import xla as xla_helpers
 from recpre.distributed_env import ProcessInfo, discover_processes, parse_slurm_nodelist
 from recpre.errors import UserError
@@ -75,6 +76,8 @@ class SimpleFabric:
         if not self.timeout_s > 0:
             raise UserError(f"fabric.timeout_s must be positive, got {fabric_settings.timeout_s}.")
 
+        if device == "auto" and neuron.runtime().native_device_present():
+            device = "neuron"  # -- neuron: the native TorchNeuron device (recpre/neuron.py), trn2/trn3
         if strategy == "auto" and device == "auto" and xla_helpers.accelerator_present(self._env):
             strategy = "xla"  # -- xla: torch_xla and a Neuron/TPU device (recpre/xla.py)
         if strategy == "xla" or device == "xla":
@@ -91,7 +94,9 @@ class SimpleFabric:
         if precision != "fp32" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError(f"fabric.precision={precision} needs bf16 support, which this GPU lacks; use fp32.")
         self.precision = precision
-        self.backend = {"cuda": "nccl", "xla": "xla"}.get(self.device.type, "gloo")
+        self.native_neuron = device == "neuron"
+        backends = {"cuda": "nccl", "xla": "xla"}
+        self.backend = neuron.runtime().dist_backend if self.native_neuron else backends.get(self.device.type, "gloo")
         self._owns_group = False
         self._streams: dict[int, _GradStream] = {}
         # Buffers of the simple-ddp gradient stream: 2 overlaps filling one chunk with reducing the previous.
@@ -115,8 +120,10 @@ class SimpleFabric:
                 f"shard groups of {self.shard_size} ranks do not divide the {self.world_size} ranks; set "
                 "fabric.shard_size (hsdp) or fabric.shard_group=world to a size that divides the world."
             )
-        if self.strategy in SHARDED and self.device.type not in ("cuda", "cpu"):
-            raise UserError(f"fabric.strategy={self.strategy} runs on CUDA/ROCm GPUs or the CPU, not on {self.device}.")
+        if self.strategy in SHARDED and self.device.type not in ("cuda", "cpu", neuron.DEVICE_TYPE):
+            raise UserError(
+                f"fabric.strategy={self.strategy} runs on CUDA/ROCm, Neuron or the CPU, not on {self.device}."
+            )
         if self.offload and self.device.type != "cuda":
             raise UserError(
                 f"fabric.offload=true keeps GPU memory in CPU memory, but this run is on {self.device}; "
@@ -273,6 +280,10 @@ class SimpleFabric:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return unwrap_model(model)
+
+    def compile_options(self) -> dict[str, Any]:
+        """torch.compile keywords for this device: the Neuron Dynamo backend on the native device, else defaults."""
+        return {"backend": neuron.runtime().compile_backend} if self.native_neuron else {}
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for bf16-mixed (weights stay fp32); nothing for fp32 and bf16-true."""
@@ -479,7 +490,7 @@ class SimpleFabric:
             return obj
         self.launch()
         box = [obj]
-        device = self.device if self.backend == "nccl" else None
+        device = self.device if self.backend == "nccl" or self.native_neuron else None
         with self._collective("broadcast_object"):
             dist.broadcast_object_list(box, src=src, device=device)
         return box[0]
@@ -539,6 +550,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return _pick_device(name, 0)
 
 
+def _neuron_device(local_rank: int) -> torch.device:
+    """This rank's NeuronCore on the native TorchNeuron device; a UserError naming the install without it."""
+    rt = neuron.require_runtime()
+    count = rt.device_count()
+    if count < 1:
+        raise UserError("fabric.device=neuron but no NeuronCore is visible; run on a trn2/trn3 instance or use auto.")
+    if local_rank >= count and count > 1:
+        raise UserError(f"local rank {local_rank} has no NeuronCore: only {count} are visible on this node.")
+    return rt.device(local_rank)
+
+
 def _node_size(env: Mapping[str, str], world_size: int) -> int:
     """Ranks per node: torchrun's LOCAL_WORLD_SIZE, SLURM's tasks per node ("8" or "8(x4)"), else the world."""
     for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
@@ -549,6 +571,8 @@ def _node_size(env: Mapping[str, str], world_size: int) -> int:
 
 
 def _pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "neuron":
+        return _neuron_device(local_rank)
     if name == "xla":
         try:
             import torch_xla

@@ -46,7 +46,7 @@ ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "flex", "flash", "nki")
 STRATEGIES = ("auto", "single", "simple-ddp", "torch-ddp", "fsdp", "hsdp", "xla")
 SHARD_GROUPS = ("node", "world")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
-DEVICES = ("auto", "cpu", "cuda", "mps", "xla")
+DEVICES = ("auto", "cpu", "cuda", "mps", "neuron", "xla")
 PROGRESS = ("auto", "bar", "lines", "none")
 WANDB_MODES = ("disabled", "offline", "online")
 # ModelSettings keys that are also ModelConfig fields (runtime choices); passed through to ModelConfig.
@@ -146,7 +146,7 @@ class TrainSettings:
 class FabricSettings:
     strategy: str = "auto"  # auto | single | simple-ddp | torch-ddp | fsdp | hsdp | xla
     precision: str = "fp32"  # fp32 | bf16-mixed | bf16-true
-    device: str = "auto"  # auto | cpu | cuda | mps | xla (the xla strategy picks the XLA device)
+    device: str = "auto"  # auto | cpu | cuda | mps | neuron (native TorchNeuron, trn2/trn3) | xla (trn1)
     chunk_mb: float = 25.0  # gradient all-reduce bucket size in MiB
     timeout_s: int = 1800  # process-group timeout in seconds
     optimizer_sharding: bool = False  # simple-ddp: each rank keeps the optimizer state of 1/N of the weights

@@ -28,6 +28,7 @@ def test_the_expected_configs_exist() -> None:
         "magpie-150m-gpu.yaml",
         "nebel-raven-3.5b-frontier.yaml",
         "trn1-parallelcluster.yaml",
+        "trn2-parallelcluster.yaml",
     } <= names
 
 
@@ -49,7 +50,8 @@ def test_debug_yaml_comments_every_key() -> None:
 
 
 def test_data_dir_configs_read_the_environment() -> None:
-    for name in ("magpie-150m-gpu.yaml", "nebel-raven-3.5b-frontier.yaml", "trn1-parallelcluster.yaml"):
+    for name in ("magpie-150m-gpu.yaml", "nebel-raven-3.5b-frontier.yaml", "trn1-parallelcluster.yaml",
+                 "trn2-parallelcluster.yaml"):  # fmt: skip
         s = load_settings(CONFIG_DIR / name, [])
         assert s.data.train == ["/lustre/data/recpre/train"]
         assert s.data.tokenizer == "/lustre/data/recpre/tokenizer"

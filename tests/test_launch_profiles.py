@@ -17,7 +17,7 @@ from recpre.launch.profile import (
     time_to_minutes,
 )
 
-BUNDLED = ["frontier", "local", "parallelcluster-p5", "parallelcluster-trn1", "slurm-gpu"]
+BUNDLED = ["frontier", "local", "parallelcluster-p5", "parallelcluster-trn1", "parallelcluster-trn2", "slurm-gpu"]
 
 
 def test_bundled_profiles_load() -> None:

@@ -112,6 +112,10 @@ def test_sbatch_lines_per_profile() -> None:
     assert "#SBATCH --ntasks-per-node=1" in trn1 and "#SBATCH --cpus-per-task=128" in trn1
     assert '--nproc_per_node=32 --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID"' in trn1
     assert "export MASTER_PORT=44000" in trn1 and "export FI_EFA_USE_DEVICE_RDMA=1" in trn1
+    trn2 = render_train_script(load_profile("parallelcluster-trn2"), golden_job("parallelcluster-trn2"))
+    assert '--nproc_per_node=64 --nnodes="$SLURM_NNODES"' in trn2 and "#SBATCH --cpus-per-task=192" in trn2
+    assert "export NEURON_LOGICAL_NC_CONFIG=2" in trn2 and "export FI_PROVIDER=efa" in trn2
+    assert "PJRT_DEVICE" not in trn2 and "neuron_parallel_compile" not in trn2  # native device, no XLA
     local = render_train_script(load_profile("local"), golden_job("local"))
     assert "#SBATCH" not in local and f"\n{shlex.quote(sys.executable)} -u train.py --config" in local
 
@@ -176,7 +180,7 @@ def test_values_round_trip_through_the_shell(tmp_path: Path, name: str) -> None:
     if profile.launch == "torchrun-per-node" and profile.executor == "slurm":
         assert argv[:3] == ["python", "-m", "torch.distributed.run"]
         assert "--node_rank=1" in argv and "--nnodes=2" in argv and "--master_addr=node1" in argv
-        assert "--master_port=44000" in argv and "--nproc_per_node=32" in argv
+        assert "--master_port=44000" in argv and f"--nproc_per_node={profile.devices_per_node}" in argv
 
 
 def test_secret_overrides_refused() -> None:

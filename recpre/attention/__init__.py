@@ -48,7 +48,14 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 # Preference order for `auto`, per device type.
-_AUTO_ORDER = {"cuda": ("flash", "sdpa"), "xla": ("nki", "eager"), "cpu": ("sdpa",), "mps": ("sdpa",)}
+# neuron: nki is chosen explicitly until tests/neuron has passed on trn2 (docs/trainium.md).
+_AUTO_ORDER = {
+    "cuda": ("flash", "sdpa"),
+    "xla": ("nki", "eager"),
+    "neuron": ("sdpa",),
+    "cpu": ("sdpa",),
+    "mps": ("sdpa",),
+}
 
 
 def register(
@@ -58,7 +65,7 @@ def register(
     is_available: Callable[[], bool] = lambda: True,
     gqa: bool = False,
     extra: str = "",
-    devices: tuple[str, ...] = ("cpu", "cuda", "mps", "xla"),
+    devices: tuple[str, ...] = ("cpu", "cuda", "mps", "neuron", "xla"),
     documents: bool = True,
     unavailable_reason: Callable[[], str] | None = None,
 ) -> None:

@@ -17,7 +17,8 @@ real queries, and padded query rows get zero output gradient, so they add nothin
 real queries would attend to padded keys, so one extra head-dim channel carries a large negative score to
 every padded key (q channel = a, padded k channel = -a, real k channel = 0: real scores are unchanged and
 padded keys get weight exp(-1e4) = 0); that needs head_dim < 128. Document masks are not supported by the
-AWS kernels (auto falls back to eager for masked calls on XLA).
+AWS kernels (auto falls back to eager for masked calls on XLA). On the native TorchNeuron device (trn2/trn3)
+the same kernels run as registered custom ops: recpre/attention/nki_native.py.
 """
 
 from __future__ import annotations
@@ -26,53 +27,28 @@ import contextlib
 import functools
 import importlib
 import importlib.util
-import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from recpre import neuron
 from recpre.attention import eager_attention, register
-from recpre.errors import UserError
-
-PARTITIONS = 128  # lse rows are split over the 128 SBUF partitions
-MAX_HEAD_DIM = 128
-MAX_SEQ_TILE = 2048
-MIN_SEQ_TILE = 512
-PAD_SCORE = -1.0e4  # score given to padded keys in non-causal attention; exp() of it is 0 in fp32 and bf16
-
-_EXTRA = (
-    "the Neuron SDK 2.29 (torch-neuronx, neuronx-cc) from AWS's package index on a trn1/trn2 instance; "
-    "see tests/neuron/README.md"
+from recpre.attention.nki_kernels import (  # noqa: F401 -- the contract's names, re-exported for callers
+    _EXTRA,
+    MAX_HEAD_DIM,
+    MAX_SEQ_TILE,
+    MIN_SEQ_TILE,
+    PAD_SCORE,
+    PARTITIONS,
+    NkiKernels,
+    aws_kernels,
+    lse_to_rows,
+    padded_length,
+    rows_to_lse,
+    to_kernel_layout,
 )
-
-
-@dataclass(frozen=True)
-class NkiKernels:
-    """A pair of flash-attention kernels with AWS's calling convention (see the module docstring)."""
-
-    fwd: Any  # grid-indexable: fwd[b, h](...)
-    bwd: Any  # grid-indexable: bwd[b, kv_h](...)
-    make_config: Callable[[int], Any]  # seq_tile_size -> the forward's `config` object (training=True)
-    name: str = "custom"
-    seed: Callable[[torch.device], Any] = lambda device: None  # dropout seed argument; unused at dropout 0
-
-
-def aws_kernels() -> NkiKernels:
-    """AWS's flash_fwd / flash_attn_bwd from neuronx-cc; a UserError naming the install off Neuron."""
-    try:
-        attention = importlib.import_module("neuronxcc.nki.kernels.attention")
-    except ImportError as err:
-        raise UserError(f"model.attention: nki needs {_EXTRA} ({err}).") from err
-    config_cls = attention.FlashConfig
-
-    def make_config(seq_tile_size: int) -> Any:
-        return config_cls(seq_tile_size=seq_tile_size, training=True)
-
-    return NkiKernels(fwd=attention.flash_fwd, bwd=attention.flash_attn_bwd, make_config=make_config, name="aws")
-
+from recpre.errors import UserError
 
 _override: list[NkiKernels] = []
 _default: list[NkiKernels] = []  # set_default_kernels: replaces AWS's for the whole process
@@ -115,62 +91,17 @@ def _importable(name: str) -> bool:
 
 
 def is_available() -> bool:
-    if _override or _default:
+    if _override or _default or neuron.runtime().installed():
         return True
     return _importable("torch_xla") and _importable("neuronxcc")
 
 
 def _reason() -> str:
     missing = [m for m in ("torch_xla", "neuronxcc") if not _importable(m)]
-    return f"{', '.join(missing)} not importable: nki runs only on Trainium with {_EXTRA}"
-
-
-def padded_length(seq: int) -> tuple[int, int]:
-    """(padded sequence length, seq_tile_size): powers of two from 512 up to 2048, then multiples of 2048."""
-    if seq <= MAX_SEQ_TILE:
-        padded = max(MIN_SEQ_TILE, 1 << (seq - 1).bit_length())
-        return padded, padded
-    return math.ceil(seq / MAX_SEQ_TILE) * MAX_SEQ_TILE, MAX_SEQ_TILE
-
-
-def lse_to_rows(lse: torch.Tensor) -> torch.Tensor:
-    """Kernel lse [b, h, 128, s/128] -> [b, h, s] in query order (row t*128 + p is lse[..., p, t])."""
-    b, h, p, t = lse.shape
-    return lse.transpose(-1, -2).reshape(b, h, t * p)
-
-
-def rows_to_lse(rows: torch.Tensor) -> torch.Tensor:
-    """[b, h, s] in query order -> the kernel's [b, h, 128, s/128] layout."""
-    b, h, s = rows.shape
-    return rows.reshape(b, h, s // PARTITIONS, PARTITIONS).transpose(-1, -2).contiguous()
-
-
-def _to_kernel_layout(q, k, v, causal: bool, scale: float):
-    """Pad (sequence, and the bias channel when non-causal padding needs it) and lay out as the kernels want.
-
-    Returns q_t [b, h, d', S], k_t [b, kv_h, d', S], v_p [b, kv_h, S, d'], seq_tile_size.
-    """
-    seq, head_dim = q.shape[-2], q.shape[-1]
-    padded, tile = padded_length(seq)
-    pad_seq = padded - seq
-    bias_channel = pad_seq > 0 and not causal
-    if bias_channel and head_dim >= MAX_HEAD_DIM:
-        raise UserError(
-            f"model.attention: nki non-causal attention at head_dim {head_dim} needs the sequence length "
-            f"({seq}) to be a multiple of {tile}; pad the input or use model.attention=eager."
-        )
-    extra = 1 if bias_channel else 0
-    qp = F.pad(q, (0, extra, 0, pad_seq))
-    kp = F.pad(k, (0, extra, 0, pad_seq))
-    vp = F.pad(v, (0, extra, 0, pad_seq))
-    if bias_channel:
-        a = math.sqrt(-PAD_SCORE / scale)
-        q_bias = torch.full_like(qp[..., -1:], a)
-        k_bias = torch.zeros_like(kp[..., -1:])
-        k_bias[..., seq:, :] = -a
-        qp = torch.cat([qp[..., :-1], q_bias], dim=-1)
-        kp = torch.cat([kp[..., :-1], k_bias], dim=-1)
-    return qp.transpose(-1, -2).contiguous(), kp.transpose(-1, -2).contiguous(), vp.contiguous(), tile
+    return (
+        f"{', '.join(missing)} not importable: nki runs only on Trainium, with {_EXTRA} (trn1, XLA), "
+        f"or torch-neuronx 2.13+ ({neuron.INSTALL_STEPS})"
+    )
 
 
 class NkiFlashAttention(torch.autograd.Function):
@@ -180,7 +111,7 @@ class NkiFlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, causal: bool, scale: float):
         kern = kernels()
         batch, heads, seq, head_dim = q.shape
-        q_t, k_t, v_p, tile = _to_kernel_layout(q, k, v, causal, scale)
+        q_t, k_t, v_p, tile = to_kernel_layout(q, k, v, causal, scale)
         seed = kern.seed(q.device)
         o_p, lse = kern.fwd[batch, heads](
             q_t,
@@ -247,6 +178,10 @@ def nki_attention(
     if q.shape[-2] != k.shape[-2]:
         # Incremental decoding (fewer queries than keys) is not what the training kernels do.
         return eager_attention(q, k, v, causal=causal, scale=scale)
+    if q.device.type == neuron.runtime().device_type:  # the native TorchNeuron device: the registered op
+        from recpre.attention.nki_native import native_attention
+
+        return native_attention(q, k, v, causal=causal, scale=scale)
     scale = head_dim**-0.5 if scale is None else scale
     return NkiFlashAttention.apply(q, k, v, causal, scale)
 
@@ -257,7 +192,7 @@ register(
     is_available=is_available,
     gqa=True,
     extra=_EXTRA,
-    devices=("xla",),
+    devices=("xla", neuron.DEVICE_TYPE),
     documents=False,
     unavailable_reason=_reason,
 )
