@@ -241,23 +241,25 @@ def test_an_explicit_corrupt_checkpoint_is_refused(train_module, tiny_corpus, fi
     assert not other.exists()
 
 
-def test_resuming_on_another_number_of_ranks_is_refused(tiny_corpus, finished, tmp_path):
-    """A checkpoint of one process resumed by `torchrun --nproc_per_node 2` (gloo on the CPU): every rank refuses
-    with the same sentence and exit code 2, and the run folder is unchanged. (When checkpoints can be resharded
-    this becomes a supported case and the test changes with the behaviour.)"""
+def test_resuming_a_mixture_on_another_number_of_ranks_is_refused(train_module, tiny_corpus, tmp_path):
+    """Since checkpoints reshard, another world size is a supported resume (tests/test_sharded_checkpoint.py);
+    a weighted mixture still cannot continue exactly (its sources are drawn per rank batch). Under
+    `torchrun --nproc_per_node 2` (gloo on the CPU) every rank refuses with the same sentence and exit code 2,
+    and the run folder is unchanged."""
     run = tmp_path / "run"
-    shutil.copytree(finished, run)
+    mixture = [f"data.train=[{tiny_corpus.train[0]},{tiny_corpus.train[0]}]", "data.weights=[1.0,2.0]"]
+    assert train_module.main(tiny_run_args(run, tiny_corpus, *RESUMABLE, *mixture)) == 0
     before = snapshot(run)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    cmd += ["train.py", *tiny_run_args(run, tiny_corpus, *RESUMABLE, "train.max_steps=6")]
+    cmd += ["train.py", *tiny_run_args(run, tiny_corpus, *RESUMABLE, *mixture, "train.max_steps=6")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]
-    assert "written by 1 ranks but this run has 2" in errors[0] and "run.init_from=" in errors[0], errors[0]
+    assert errors and all(e == errors[0] for e in errors), proc.stderr[-3000:]
+    assert "saved by 1 ranks cannot be continued exactly by 2" in errors[0] and "mixture" in errors[0], errors[0]
     # torchrun prints its own report (with its own traceback); no rank died with one through train.py
     assert 'train.py", line' not in proc.stderr, proc.stderr[-3000:]
     assert "exitcode  : 2 " in proc.stderr, proc.stderr[-3000:]  # torchrun stops the other rank when one exits
