@@ -81,6 +81,8 @@ class DataSettings:
     reset_position_ids: bool = False  # positions restart at 0 at each document start
     prefetch: int = 2  # batches prepared ahead of the training step
     cache_dir: str | None = None  # where the embedded corpus is built/cached; None = the data module's default
+    format: str = "packed"  # packed (tokenized parquet) | chat (conversations: JSONL/parquet rows of messages)
+    chat_template: str = "plain"  # chat: a built-in template (plain | huginn) or a tokenizer_config.json/.jinja file
 
 
 @dataclass
@@ -135,6 +137,7 @@ class TrainSettings:
     loss_spike_factor: float | None = 4.0  # stop when loss > factor x its running mean ...; None = off
     loss_spike_patience: int = 20  # ... for this many steps in a row
     recurrence: RecurrenceSettings = field(default_factory=RecurrenceSettings)  # depths trained at
+    loss_on: str = "assistant"  # chat data: assistant (only assistant turns are targets) | all
 
 
 @dataclass
@@ -563,6 +566,8 @@ def _validate(s: Settings, where: _Origins) -> None:
 
     d = s.data
     _require(d.prefetch >= 0, "data.prefetch", where, f"must be >= 0, got {d.prefetch}")
+    _one_of(d.format, ("packed", "chat"), "data.format", where)
+    _one_of(s.train.loss_on, ("assistant", "all"), "train.loss_on", where)
     if d.weights is not None:
         _require(bool(d.train), "data.weights", where, "needs data.train sources to weight (it is empty)")
         _require(
