@@ -59,6 +59,7 @@ class RunSettings:
     seed: int = 1234  # seeds model init, data order and depth sampling
     resume: str = "auto"  # "auto" (latest checkpoint in out_dir if any) | "never" | a checkpoint path
     init_from: str | None = None  # weights-only start (e.g. an imported Huginn checkpoint); None = fresh init
+    init_from_optional: bool = False  # true = a missing init_from path means a fresh init (said in a note)
 
 
 @dataclass
@@ -564,6 +565,9 @@ def _validate(s: Settings, where: _Origins) -> None:
     _require(s.run.seed >= 0, "run.seed", where, f"must be >= 0, got {s.run.seed}")
     _require(bool(s.run.resume.strip()), "run.resume", where, "must be 'auto', 'never' or a checkpoint path")
 
+    if s.run.init_from and s.run.init_from_optional and not Path(s.run.init_from).exists():
+        where.notes.append(f"note: run.init_from {s.run.init_from} does not exist; starting from a fresh init")
+        s.run.init_from = None
     d = s.data
     _require(d.prefetch >= 0, "data.prefetch", where, f"must be >= 0, got {d.prefetch}")
     _one_of(d.format, ("packed", "chat"), "data.format", where)

@@ -160,3 +160,32 @@ def test_tokenize_command_chat_mode(tok, tmp_path):
     assert targets and targets.replace("The answer is four.<|eos|>", "") == ""
     bad = subprocess.run([*cmd[:-1], str(tmp_path / "p2"), "--chat-template", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "built-in" in bad.stderr and not (tmp_path / "p2").exists()
+
+
+def test_sft_debug_config_falls_back_to_a_fresh_init_and_says_so(tmp_path):
+    from pathlib import Path
+
+    from recpre.settings import load_settings, settings_notes
+
+    config = Path(__file__).resolve().parents[1] / "launch_configs" / "sft-debug.yaml"
+    missing = load_settings(config, [f"run.init_from={tmp_path / 'none'}"])
+    assert missing.run.init_from is None
+    assert any("does not exist; starting from a fresh init" in n for n in settings_notes(missing))
+    present = load_settings(config, [f"run.init_from={tmp_path}"])
+    assert present.run.init_from == str(tmp_path) and not settings_notes(present)
+    assert missing.data.format == "chat" and missing.train.loss_on == "assistant" and missing.data.document_mask
+    with pytest.raises(UserError, match="train.loss_on"):
+        load_settings(config, ["train.loss_on=prompt"])
+
+
+def test_embedded_instruction_set_holds_out_whole_objects(tmp_path):
+    from recpre.data.instructions import write_instruction_set
+
+    train, val = write_instruction_set(tmp_path)
+    names = {}
+    for split, path in (("train", train), ("val", val)):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        names[split] = {r["messages"][1]["content"].split("`")[1] for r in rows}
+        assert all(r["messages"][2]["role"] == "assistant" and r["messages"][2]["content"] for r in rows)
+    assert len(names["val"]) >= 50 and len(names["train"]) > 5 * len(names["val"])
+    assert not names["train"] & names["val"]  # held-out questions ask about objects never trained on
