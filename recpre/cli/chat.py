@@ -34,6 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--system", default=None, help="a system message opening the conversation")
     p.add_argument("--chat-template", default=None, help="override the run's data.chat_template")
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=None,
+        metavar="N",
+        help="answer the first N held-out questions of the embedded instruction set and report how many replies "
+        "end with the end-of-turn token",
+    )
     p.add_argument("--state-init", choices=["zero", "like-init"], default="zero", help="initial recurrent state")
     add_device(p)
     return p.parse_args(argv)
@@ -100,8 +108,31 @@ def _command(session, line: str, adaptive) -> bool:
     return True
 
 
+def _heldout(session, n: int, cache_dir: str | None) -> None:
+    """The end-of-turn figure: of n held-out questions, how many replies end with the end-of-turn token."""
+    import json
+    from pathlib import Path
+
+    from recpre.data.corpus import default_cache_dir
+    from recpre.data.instructions import write_instruction_set
+
+    folder = Path(cache_dir or default_cache_dir()) / f"instructions-{sys.implementation.cache_tag}"
+    if not (folder / "val.jsonl").is_file():
+        write_instruction_set(folder)
+    rows = [json.loads(x) for x in (folder / "val.jsonl").read_text(encoding="utf-8").splitlines()][:n]
+    ended = 0
+    for row in rows:
+        session.reset()
+        session.messages = [m for m in row["messages"] if m["role"] == "system"]
+        ended += session.reply(row["messages"][1]["content"]).ended
+    print(f"held-out: {ended}/{len(rows)} replies end with the end-of-turn token ({100 * ended / len(rows):.0f}%)")
+
+
 def _run(args: argparse.Namespace) -> int:
     session = open_session(args)
+    if args.heldout is not None:
+        _heldout(session, args.heldout, None)
+        return 0
     if args.prompt is not None:
         _say(session, args.prompt)
         return 0
