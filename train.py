@@ -30,6 +30,7 @@ from recpre.checkpoint import (
     refuse_to_overwrite,
     resolve_checkpoint,
 )
+from recpre.data.chat_sources import prepare_chat_data
 from recpre.errors import UserError, run_cli
 from recpre.fabric import FabricError, SimpleFabric
 from recpre.flops import device_peak, mfu
@@ -96,6 +97,13 @@ class Data:
 def prepare_data(settings: Any, config: Any, fabric: SimpleFabric) -> Data:
     """Paths of the train/val sources; the embedded corpus is built once (rank 0 first) and cached."""
     d = settings.data
+    if d.format == "chat":  # conversations -> packed rows with context flags (recpre.data.chat)
+        if not fabric.is_main:
+            fabric.barrier()
+        chat = prepare_chat_data(d, config.block_size)
+        if fabric.is_main:
+            fabric.barrier()
+        return Data(chat.train, chat.val, chat.boundary_id, chat.vocab_size, chat.source)
     if d.train:
         eos_id, vocab = config.eos_id, None
         if d.tokenizer:
@@ -133,6 +141,7 @@ def make_loader(settings: Any, config: Any, fabric: SimpleFabric, data: Data, *,
         num_epochs=1 if val else None,
         prefetch=0 if val else settings.data.prefetch,
         role="validation" if val else "train",
+        loss_on=settings.train.loss_on,
     )
 
 

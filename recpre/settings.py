@@ -64,6 +64,7 @@ class RunSettings:
     seed: int = 1234  # seeds model init, data order and depth sampling
     resume: str = "auto"  # "auto" (latest checkpoint in out_dir if any) | "never" | a checkpoint path
     init_from: str | None = None  # weights-only start (e.g. an imported Huginn checkpoint); None = fresh init
+    init_from_optional: bool = False  # true = a missing init_from path means a fresh init (said in a note)
 
 
 @dataclass
@@ -86,6 +87,8 @@ class DataSettings:
     reset_position_ids: bool = False  # positions restart at 0 at each document start
     prefetch: int = 2  # batches prepared ahead of the training step
     cache_dir: str | None = None  # where the embedded corpus is built/cached; None = the data module's default
+    format: str = "packed"  # packed (tokenized parquet) | chat (conversations: JSONL/parquet rows of messages)
+    chat_template: str = "plain"  # chat: a built-in template (plain | huginn) or a tokenizer_config.json/.jinja file
 
 
 @dataclass
@@ -140,6 +143,7 @@ class TrainSettings:
     loss_spike_factor: float | None = 4.0  # stop when loss > factor x its running mean ...; None = off
     loss_spike_patience: int = 20  # ... for this many steps in a row
     recurrence: RecurrenceSettings = field(default_factory=RecurrenceSettings)  # depths trained at
+    loss_on: str = "assistant"  # chat data: assistant (only assistant turns are targets) | all
 
 
 @dataclass
@@ -335,6 +339,9 @@ def _validate(s: Settings, where: Origins) -> None:
     _require(s.run.seed >= 0, "run.seed", where, f"must be >= 0, got {s.run.seed}")
     _require(bool(s.run.resume.strip()), "run.resume", where, "must be 'auto', 'never' or a checkpoint path")
 
+    if s.run.init_from and s.run.init_from_optional and not Path(s.run.init_from).exists():
+        where.notes.append(f"note: run.init_from {s.run.init_from} does not exist; starting from a fresh init")
+        s.run.init_from = None
     _check_data(s, where)
     _check_optim(s, where)
     _check_train(s, where)
@@ -362,6 +369,8 @@ def _check_data(s: Settings, where: Origins) -> None:
     """Data sources and mixture weights."""
     d = s.data
     _require(d.prefetch >= 0, "data.prefetch", where, f"must be >= 0, got {d.prefetch}")
+    _one_of(d.format, ("packed", "chat"), "data.format", where)
+    _one_of(s.train.loss_on, ("assistant", "all"), "train.loss_on", where)
     if d.weights is not None:
         _require(bool(d.train), "data.weights", where, "needs data.train sources to weight (it is empty)")
         _require(

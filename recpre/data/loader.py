@@ -249,6 +249,7 @@ class PackedLoader:
         num_epochs: int | None = None,
         prefetch: int = 4,
         role: str = "train",
+        loss_on: str = "assistant",
     ):
         if isinstance(paths, (str, Path)):
             paths = [paths]
@@ -280,15 +281,19 @@ class PackedLoader:
         for src in self.sources:
             check_enough_rows(src.name, src.num_rows, world_size, micro_batch_size, role)
         metas = [f.meta for files in opened for f in files]
-        self.eos_id = eos_id if eos_id is not None else _agreed(metas, "eos_id", self.paths)
+        file_eos = _agreed(metas, "eos_id", self.paths)
+        boundary = _agreed(metas, "boundary_id", self.paths)  # chat files: PAD ends a conversation
+        self.eos_id = eos_id if eos_id is not None else (boundary if boundary is not None else file_eos)
         self.pad_id = _agreed(metas, "pad_id", self.paths)
+        self._context_flag = _agreed(metas, "context_flag", self.paths)  # see recpre.data.chat
+        self._context_targets = loss_on == "all"
         vocab = [m.get("vocab_size") for m in metas if m.get("vocab_size") is not None]
         self.vocab_size: int | None = max(vocab) if vocab else None
         self.num_rows = sum(s.num_rows for s in self.sources)
 
         # rows, a whole number of micro-batches; independent of the world size
         self.window = max(1, WINDOW_TOKENS // (block_size + 1) // micro_batch_size) * micro_batch_size
-        self._mask_id = self.pad_id if self.pad_id is not None and self.pad_id != self.eos_id else None
+        self._mask_id = self.pad_id if self.pad_id is not None and self.pad_id != file_eos else None
         self._streams = [
             _Stream(s, i, seed, rank, world_size, micro_batch_size, self.window) for i, s in enumerate(self.sources)
         ]
@@ -455,12 +460,19 @@ class PackedLoader:
                     if len(idx):
                         rows[idx] = stream.take(len(idx))
         rows_t = torch.from_numpy(rows)
+        context = None
+        if self._context_flag is not None:
+            flagged = (rows_t & self._context_flag) != 0
+            rows_t = rows_t & ~self._context_flag
+            context = None if self._context_targets else flagged[:, 1:]
         inputs = torch.empty((mb, self.block_size), dtype=torch.int64)
         labels = torch.empty((mb, self.block_size), dtype=torch.int64)
         inputs.copy_(rows_t[:, :-1])
         labels.copy_(rows_t[:, 1:])
         if self._mask_id is not None:
             labels.masked_fill_(labels == self._mask_id, IGNORE_INDEX)
+        if context is not None:  # loss_on: assistant: context tokens are conditioned on, never scored
+            labels.masked_fill_(context, IGNORE_INDEX)
         return inputs, labels
 
     def _next_item(self):
