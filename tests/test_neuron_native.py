@@ -147,30 +147,31 @@ def test_auto_on_the_neuron_device_is_sdpa_until_hardware_checked():
     assert attention.resolve_auto("neuron") == "sdpa"
 
 
-def ddp_on_fake_neuron() -> None:
-    """One rank: a fabric on the (fake) neuron device opens the runtime's backend and averages gradients."""
+def ddp_on_fake_neuron(strategy: str) -> None:
+    """One rank: a fabric on the (fake) neuron device opens the runtime's backend and averages gradients.
+    One process group per launch: re-opening one on the same port would race its own teardown."""
     rt = FakeNeuronRuntime(cores=2)
     with neuron.use_runtime(rt):
-        for strategy in ("simple-ddp", "torch-ddp"):
-            fabric = SimpleFabric(fabric_settings(device="neuron", strategy=strategy, precision="fp32"))
-            torch.manual_seed(fabric.rank)  # different weights per rank: setup_model must make them agree
-            model = fabric.setup_model(torch.nn.Linear(3, 2))
-            assert dist.get_backend() == rt.dist_backend and fabric.native_neuron
-            x = torch.full((4, 3), float(fabric.rank + 1))
-            model(x).sum().backward()
-            fabric.all_reduce_gradients(model)
-            weight = fabric.unwrap(model).weight
-            expected = torch.full((2, 3), 4 * (1 + 2) / 2)  # the mean over ranks of 4 * (rank + 1)
-            torch.testing.assert_close(weight.grad, expected)
-            gathered = [torch.zeros_like(weight) for _ in range(fabric.world_size)]
-            dist.all_gather(gathered, weight.detach())
-            torch.testing.assert_close(gathered[0], gathered[1])
-            fabric.teardown()
+        fabric = SimpleFabric(fabric_settings(device="neuron", strategy=strategy, precision="fp32"))
+        torch.manual_seed(fabric.rank)  # different weights per rank: setup_model must make them agree
+        model = fabric.setup_model(torch.nn.Linear(3, 2))
+        assert dist.get_backend() == rt.dist_backend and fabric.native_neuron
+        x = torch.full((4, 3), float(fabric.rank + 1))
+        model(x).sum().backward()
+        fabric.all_reduce_gradients(model)
+        weight = fabric.unwrap(model).weight
+        expected = torch.full((2, 3), 4 * (1 + 2) / 2)  # the mean over ranks of 4 * (rank + 1)
+        torch.testing.assert_close(weight.grad, expected)
+        gathered = [torch.zeros_like(weight) for _ in range(fabric.world_size)]
+        dist.all_gather(gathered, weight.detach())
+        torch.testing.assert_close(gathered[0], gathered[1])
+        fabric.teardown()
         print(f"rank {fabric.rank} devices {rt.devices_asked} ok", flush=True)
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_the_neuron_device_through_the_runtime_backend():
+@pytest.mark.parametrize("strategy", ["simple-ddp", "torch-ddp"])
+def test_two_process_ddp_on_the_neuron_device_through_the_runtime_backend(strategy):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -178,7 +179,7 @@ def test_two_process_ddp_on_the_neuron_device_through_the_runtime_backend():
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, __file__, "ddp"], env=env, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, __file__, "ddp", strategy], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
     try:
         results = [p.communicate(timeout=120) for p in procs]
@@ -187,11 +188,11 @@ def test_two_process_ddp_on_the_neuron_device_through_the_runtime_backend():
             if p.poll() is None:
                 p.kill()
     for rank, (p, (out, err)) in enumerate(zip(procs, results, strict=True)):
-        assert p.returncode == 0 and f"rank {rank} devices [{rank}, {rank}] ok" in out, err
+        assert p.returncode == 0 and f"rank {rank} devices [{rank}] ok" in out, err
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["ddp"]:
-    ddp_on_fake_neuron()
+if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
+    ddp_on_fake_neuron(sys.argv[2])
 
 
 def test_compile_through_the_runtime_backend_does_not_recompile_across_depths(fake):
