@@ -611,23 +611,30 @@ class _LazyWeights:
         return self._file.get_tensor(name)
 
 
+def _weights_source(source: str | Path, config: dict[str, Any] | None) -> tuple[Path, bool]:
+    """(the safetensors file, or the folder of a sharded checkpoint, that `source` names; whether it is sharded),
+    refusing a checkpoint of another model shape when `config` is given."""
+    source = Path(source)
+    if source.is_file() and source.suffix == ".safetensors":
+        return source, False
+    folder = resolve_checkpoint(source)
+    if config is not None:
+        check_same_shape(folder, config)
+    if is_sharded_checkpoint(folder):
+        return folder, True
+    return folder / MODEL_FILE, False
+
+
 def open_weights(source: str | Path, *, config: dict[str, Any] | None = None) -> tuple[Path, Any]:
     """(file, mapping name -> full tensor) for load_weights' sources, for models that take their weights one
     tensor at a time (sharded): the safetensors file is read lazily. recpre.weights adds other formats."""
     from safetensors import SafetensorError
 
-    source = Path(source)
-    if source.is_file() and source.suffix == ".safetensors":
-        file = source
-    else:
-        folder = resolve_checkpoint(source)
-        if config is not None:
-            check_same_shape(folder, config)
-        if is_sharded_checkpoint(folder):
-            from recpre.sharded_checkpoint import model_weights
+    file, sharded = _weights_source(source, config)
+    if sharded:
+        from recpre.sharded_checkpoint import model_weights
 
-            return folder / DCP_METADATA, model_weights(folder)
-        file = folder / MODEL_FILE
+        return file / DCP_METADATA, model_weights(file)
     try:
         return file, _LazyWeights(file)
     except SafetensorError as err:
@@ -645,16 +652,9 @@ def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any]
     from safetensors import SafetensorError
     from safetensors.torch import load_model as st_load_model
 
-    source = Path(source)
-    if source.is_file() and source.suffix == ".safetensors":
-        file = source
-    else:
-        folder = resolve_checkpoint(source)
-        if config is not None:
-            check_same_shape(folder, config)
-        if is_sharded_checkpoint(folder):
-            return _load_sharded_weights(model, folder)
-        file = folder / MODEL_FILE
+    file, sharded = _weights_source(source, config)
+    if sharded:
+        return _load_sharded_weights(model, file)
     try:
         st_load_model(unwrap_model(model), str(file), strict=True)
     except RuntimeError as err:
