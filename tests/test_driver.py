@@ -159,3 +159,40 @@ def test_a_run_interrupted_mid_curriculum_resumes_to_the_same_losses(train_modul
     assert losses(split) == losses(ref)
     depths = [r["depth"] for r in read_metrics(ref / "metrics.jsonl") if "loss" in r]
     assert depths[0][1] == 1 and depths[-1][1] == 3  # the backprop depth ramped from 1 to 3
+
+
+@pytest.mark.slow
+def test_the_summary_reports_the_whole_runs_validation_after_a_stop_and_a_resume(
+    train_module, tiny_corpus, tmp_path, monkeypatch, capsys
+):
+    """The summary's validation figures come from the whole run's metrics: a segment stopped between
+    validations reports the last one (with its step), not the step-0 value, and a resumed segment reports the
+    run's first validation as initial_val_loss, not its own."""
+    run = tmp_path / "run"
+    args = tiny_run_args(run, tiny_corpus, "train.max_steps=6", "eval.interval=2", "checkpoint.interval=0")
+    args.append("log.progress=lines")
+    original = Monitor.train
+
+    def signal_at_step_3(self, row, **kw):
+        original(self, row, **kw)
+        if row["step"] == 3:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    monkeypatch.setattr(Monitor, "train", signal_at_step_3)
+    capsys.readouterr()
+    assert train_module.main(args) == 0
+    monkeypatch.setattr(Monitor, "train", original)
+    vals = {r["step"]: r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r}
+    assert sorted(vals) == [0, 2]
+    stopped = read_metrics(run / "metrics.jsonl")
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("summary: ")][0]
+    assert f"final_val_loss {round(vals[2], 4)}," in summary and "final_val_step 2" in summary, summary
+    assert f"initial_val_loss {round(vals[0], 4)}," in summary, summary
+    assert stopped[-1]["event"] == "stopped"
+
+    assert train_module.main(args) == 0  # the resumed segment: validations at 4 and 6 only
+    rows = read_metrics(run / "metrics.jsonl")
+    vals = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    finished = rows[-1]
+    assert finished["event"] == "finished" and finished["initial_val_loss"] == round(vals[0], 4)
+    assert finished["final_val_loss"] == round(vals[6], 4) and finished["final_val_step"] == 6
