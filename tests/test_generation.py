@@ -184,7 +184,7 @@ def test_bounded_cache_shares_slots_across_steps():
     full = generate(model, ids, max_new_tokens=12, num_steps=6, eos_id=-1)
     shared = generate(model, ids, max_new_tokens=12, num_steps=6, eos_id=-1, share_every=2)
     assert not torch.equal(shared, full)
-    by_hand, cache = ids.clone(), RecurrentKVCache(share_every=2)
+    by_hand, cache = ids.clone(), RecurrentKVCache.for_config(model.config, share_every=2)
     step_ids, step_pos = ids, pos
     for _ in range(12):
         logits, _ = forward_last(model, step_ids, positions=step_pos, cache=cache, num_steps=6)
