@@ -203,6 +203,7 @@ def _install(phase: str, at_step: int) -> None:
     import safetensors.torch
 
     import recpre.checkpoint as ck
+    import recpre.train_state as ts
 
     current = {"step": -1}
     original_save = ck.save_checkpoint
@@ -212,20 +213,24 @@ def _install(phase: str, at_step: int) -> None:
         return original_save(root, step, **kw)
 
     ck.save_checkpoint = save_checkpoint
+    ts.save_checkpoint = save_checkpoint  # the run's state registry calls the writer by this name
     hit = lambda: current["step"] == at_step  # noqa: E731
 
     if phase in ("files", "torn-file"):
-        original = safetensors.torch.save_model
 
-        def save_model(model, filename, *a, **kw):
-            original(model, filename, *a, **kw)
-            if hit():
-                if phase == "torn-file":
-                    data = Path(filename).read_bytes()
-                    Path(filename).write_bytes(data[: len(data) // 2])
-                _pause(phase)
+        def pausing(original):  # the weights are written from a module or from a gathered state dict
+            def write(weights, filename, *a, **kw):
+                original(weights, filename, *a, **kw)
+                if hit():
+                    if phase == "torn-file":
+                        data = Path(filename).read_bytes()
+                        Path(filename).write_bytes(data[: len(data) // 2])
+                    _pause(phase)
 
-        safetensors.torch.save_model = save_model
+            return write
+
+        safetensors.torch.save_model = pausing(safetensors.torch.save_model)
+        safetensors.torch.save_file = pausing(safetensors.torch.save_file)
     elif phase == "manifest":
         original_manifest = ck._write_manifest
 
