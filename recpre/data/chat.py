@@ -24,7 +24,7 @@ from recpre.data.atomic import atomic_dir, check_output_dir
 from recpre.data.chat_template import assistant_spans, check_messages, load_chat_template
 from recpre.data.packed import PackedWriter
 from recpre.data.pipeline import MANIFEST, write_manifest
-from recpre.data.sources import source_files
+from recpre.data.sources import jsonl_objects, source_files
 from recpre.data.tokenizer import Tokenizer, tokenizer_info
 from recpre.errors import UserError
 
@@ -58,15 +58,8 @@ def iter_conversations(source: str | Path) -> Iterator[list[dict]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"chat input {path} line {lineno} is not valid JSON; fix or remove the line") from None
-            yield f"chat input {path} line {lineno}", obj.get("messages") if isinstance(obj, dict) else None
+    for lineno, obj in jsonl_objects(path, "chat input"):
+        yield f"chat input {path} line {lineno}", obj.get("messages") if isinstance(obj, dict) else None
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 from recpre.errors import UserError
 
@@ -68,23 +69,29 @@ def skipped_note(skipped: Collection[Path]) -> str | None:
     return f"skipped {len(names)} {files} not UTF-8 text (binary?): {shown}"
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_objects(path: Path, what: str = "input") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line of a JSONL file; a bad line is one sentence."""
     with open(path, encoding="utf-8") as f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"input {path} line {lineno} is not valid JSON; fix or remove the line") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    raise UserError(
-                        f"input {path} line {lineno} has no string field '{text_field}'; pass --text-field NAME"
-                    )
-                yield obj[text_field]
-        except UnicodeDecodeError as err:
-            raise UserError(f"input {path} is not UTF-8 text ({err.reason}); convert or remove it") from None
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{what} {path} line {lineno} is not valid JSON; fix or remove the line") from None
+            yield lineno, obj
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        for lineno, obj in jsonl_objects(path):
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                raise UserError(
+                    f"input {path} line {lineno} has no string field '{text_field}'; pass --text-field NAME"
+                )
+            yield obj[text_field]
+    except UnicodeDecodeError as err:
+        raise UserError(f"input {path} is not UTF-8 text ({err.reason}); convert or remove it") from None
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
