@@ -567,9 +567,14 @@ def load_state(folder: Path, rank: int = 0) -> dict[str, Any]:
     folder = Path(folder)
     state = _load_plain(folder / STATE_FILE)
     if rank != 0:
-        path = folder / rank_file(rank)
-        state["rank"] = _load_plain(path) if path.is_file() else None
+        state["rank"] = load_rank_state(folder, rank)
     return state
+
+
+def load_rank_state(folder: Path, rank: int) -> dict[str, Any] | None:
+    """The own part of rank `rank` > 0 (rank 0's lives in state.pt); None when the checkpoint has none for it."""
+    path = Path(folder) / rank_file(rank)
+    return _load_plain(path) if path.is_file() else None
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:

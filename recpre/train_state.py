@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from recpre.checkpoint import MODEL_FILE, load_state, rng_state, save_checkpoint, set_rng_state
+from recpre.checkpoint import MODEL_FILE, load_rank_state, load_state, rng_state, save_checkpoint, set_rng_state
 from recpre.errors import UserError
 from recpre.guardrails import LossSpikeGuard
 from recpre.sharded_checkpoint import is_sharded_checkpoint, local_shards, read_full_state, writes_sharded
@@ -153,9 +153,12 @@ class RunState:
     def restore(self, ckpt: Path) -> bool:
         """Weights and every registered part from `ckpt` (verified by rank 0 before); False when it holds
         weights only (an imported checkpoint: training starts at step 0)."""
-        saved_world = int(load_state(ckpt, 0).get("world_size", self.fabric.world_size))
+        state = load_state(ckpt, 0)  # state.pt once: at 3.5B it holds tens of GB of optimizer state
+        saved_world = int(state.get("world_size", self.fabric.world_size))
         same_world = saved_world == self.fabric.world_size
-        state = upgrade_legacy_state(load_state(ckpt, self.fabric.rank if same_world else 0))
+        if same_world and self.fabric.rank != 0:
+            state["rank"] = load_rank_state(ckpt, self.fabric.rank)
+        state = upgrade_legacy_state(state)
         full = None
         if is_sharded_checkpoint(ckpt):  # every rank reads the whole state and keeps its part: any world size
             full = read_full_state(ckpt, state.get("optimizer") or {"param_groups": []})
