@@ -7,6 +7,7 @@ second `pytest` run reuses the corpus; set RECPRE_TEST_CACHE to move it). Tests 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -45,6 +46,26 @@ def train_module():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+CHAT_BLOCK = 96
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory, tiny_corpus, train_module):
+    """A 2-step chat fine-tuning run (train.py in-process) on a few conversations."""
+    root = tmp_path_factory.mktemp("sft")
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i}?"}, {"role": "assistant", "content": f"It is {i}."}]}
+        for i in range(40)
+    ]
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    args = tiny_run_args(root / "run", tiny_corpus)
+    args = [a for a in args if not a.startswith(("data.train", "data.val", "model.overrides.block_size"))]
+    args += [f"model.overrides.block_size={CHAT_BLOCK}", f"data.train=[{root / 'chat.jsonl'}]", "data.format=chat"]
+    args += ["data.document_mask=true", f"data.cache_dir={root / 'cache'}", "train.max_steps=4", "eval.interval=0"]
+    assert train_module.main(args) == 0
+    return root / "run"
 
 
 def tiny_run_args(run_dir: Path, corpus, *extra: str) -> list[str]:

@@ -3,34 +3,12 @@ and --prompt for scripts. A seconds-long SFT run of a tiny model gives the check
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
-import pytest
-
 from recpre.chat_session import ChatSession
 from recpre.cli.chat import open_session, parse_args
-from tests.conftest import REPO, tiny_run_args
-
-BLOCK = 96
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, tiny_corpus, train_module):
-    """A 2-step chat fine-tuning run (train.py in-process) on a few conversations."""
-    root = tmp_path_factory.mktemp("sft")
-    rows = [
-        {"messages": [{"role": "user", "content": f"What is {i}?"}, {"role": "assistant", "content": f"It is {i}."}]}
-        for i in range(40)
-    ]
-    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    args = tiny_run_args(root / "run", tiny_corpus)
-    args = [a for a in args if not a.startswith(("data.train", "data.val", "model.overrides.block_size"))]
-    args += [f"model.overrides.block_size={BLOCK}", f"data.train=[{root / 'chat.jsonl'}]", "data.format=chat"]
-    args += ["data.document_mask=true", f"data.cache_dir={root / 'cache'}", "train.max_steps=4", "eval.interval=0"]
-    assert train_module.main(args) == 0
-    return root / "run"
+from tests.conftest import REPO
 
 
 def session(run, *extra: str) -> ChatSession:

@@ -144,3 +144,22 @@ def test_exported_readme_loads_model_and_tokenizer_with_remote_code(tmp_path, ti
     text = "def f(x):\n    return x + 1\n"
     assert scope["tokenizer"](text)["input_ids"] == tiny_corpus.tokenizer().encode(text)
     assert scope["model"](torch.tensor([[5, 6, 7]])).logits.shape[:2] == (1, 3)
+
+
+def test_a_fine_tuned_chat_run_exports_with_its_template(sft_run, tmp_path):
+    """A run fine-tuned on conversations exports its chat template: transformers' apply_chat_template on the
+    exported tokenizer renders a conversation exactly as the run's training data was rendered."""
+    from transformers import AutoTokenizer
+
+    from recpre.data.chat import special_tokens
+    from recpre.data.chat_template import load_chat_template, render_chat
+    from recpre.data.tokenizer import load_tokenizer
+    from recpre.eval.export import export_hf
+
+    out = export_hf(sft_run, tmp_path / "hf")
+    messages = [{"role": "user", "content": "What is 3?"}, {"role": "assistant", "content": "It is 3."}]
+    hf = AutoTokenizer.from_pretrained(out)
+    ours = load_tokenizer(out / "tokenizer.json")
+    expected = render_chat(load_chat_template("plain"), messages, special_tokens=special_tokens(ours))
+    assert "<|assistant|>" in expected
+    assert hf.apply_chat_template(messages, tokenize=False) == expected

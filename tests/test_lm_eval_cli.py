@@ -124,3 +124,21 @@ def test_lm_eval_hf_model_on_an_export(setup):
     assert proc.returncode == 0, proc.stderr[-3000:]
     scores = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     assert set(scores) == set(TASKS.split(","))
+
+
+def test_apply_chat_template_asks_a_fine_tuned_run_in_its_own_template(sft_run, tmp_path):
+    """A run fine-tuned on conversations (data.format: chat) is asked through the template it learnt: the
+    prompts lm-eval logs are the `plain` template's rendering (role markers, the assistant's turn opened)."""
+    tasks = write_tasks(tmp_path / "tasks")
+    out = tmp_path / "out"
+    proc = run([*command("recpre-lm-eval"), "--model", "recpre", "--model_args", f"checkpoint={sft_run},num_steps=2",
+                "--tasks", "local_until", "--include_path", str(tasks), "--limit", "2", "--output_path", str(out),
+                "--log_samples", "--apply_chat_template"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = [json.loads(line) for p in out.rglob("samples_local_until*.jsonl") for line in p.read_text().splitlines()]
+    prompts = [s["arguments"]["gen_args_0"]["arg_0"] for s in samples]
+    assert len(prompts) == 2
+    for prompt in prompts:
+        assert prompt.startswith("<|user|>\ndef f") and prompt.endswith("(<|assistant|>\n"), prompt  # trim_blocks eats "\n"
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert "<|assistant|>" in results["chat_template"]

@@ -54,6 +54,7 @@ def open_session(args: argparse.Namespace):
     from recpre.data.chat import special_tokens
     from recpre.data.chat_template import load_chat_template
     from recpre.data.tokenizer import load_tokenizer
+    from recpre.eval.tasks import run_tokenizer
     from recpre.fabric import resolve_device
     from recpre.generation import AdaptiveDepth
 
@@ -64,14 +65,8 @@ def open_session(args: argparse.Namespace):
         raise UserError("--adaptive applies to recurrent models only; drop it for a GPT checkpoint")
     if model.config.is_recurrent:
         model.config.state_init = args.state_init  # zero: replies do not depend on noise draws
-    d = settings.data
-    if d.tokenizer:
-        tokenizer = load_tokenizer(d.tokenizer)
-    else:
-        from recpre.data.corpus import prepare_embedded_corpus
-
-        tokenizer = prepare_embedded_corpus(model.config.block_size, cache_dir=d.cache_dir, progress=False).tokenizer()
-    template = load_chat_template(args.chat_template or getattr(d, "chat_template", "plain"))
+    tokenizer = load_tokenizer(run_tokenizer(settings, model.config))
+    template = load_chat_template(args.chat_template or getattr(settings.data, "chat_template", "plain"))
     adaptive = AdaptiveDepth(args.adaptive, args.criterion) if args.adaptive is not None else None
     return ChatSession(
         model, tokenizer, template, special_tokens(tokenizer), num_steps=args.num_steps, adaptive=adaptive,

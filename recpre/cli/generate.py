@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("--top-p must lie in (0, 1]")
     from recpre.checkpoint import load_model
     from recpre.data.tokenizer import load_tokenizer
-    from recpre.eval.tasks import run_data
+    from recpre.eval.tasks import run_tokenizer
     from recpre.fabric import resolve_device
     from recpre.generation import AdaptiveDepth, generate_with_info
 
@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     depths = args.num_steps or [None]
     if model.config.is_recurrent:
         model.config.state_init = args.state_init
-    tokenizer = load_tokenizer(run_data(settings, model.config)[0])
+    tokenizer = load_tokenizer(run_tokenizer(settings, model.config))
     adaptive = AdaptiveDepth(args.adaptive, args.criterion) if args.adaptive is not None else None
 
     def complete(text: str, num_steps: int | None) -> tuple[str, float]:

@@ -64,7 +64,7 @@ def export_hf(
 
     from recpre.checkpoint import load_model, resolve_checkpoint
     from recpre.data.tokenizer import load_tokenizer
-    from recpre.eval.tasks import run_data
+    from recpre.eval.tasks import run_tokenizer
 
     output = Path(output)
     taken = any(output.iterdir()) if output.is_dir() else output.exists()
@@ -72,7 +72,7 @@ def export_hf(
         raise UserError(f"--output {output} already exists; pass --force to replace it or choose another folder")
     folder = resolve_checkpoint(checkpoint)
     model, settings = load_model(folder)
-    tokenizer_dir, _ = run_data(settings, model.config)
+    tokenizer_dir = run_tokenizer(settings, model.config)
     tokenizer = load_tokenizer(tokenizer_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -90,6 +90,10 @@ def export_hf(
             token_id = getattr(tokenizer, f"{role}_id")
             if token_id is not None:
                 tok_config[f"{role}_token"] = inverse[token_id]
+        if getattr(settings.data, "format", None) == "chat":  # transformers' apply_chat_template asks as trained
+            from recpre.data.chat_template import load_chat_template
+
+            tok_config["chat_template"] = load_chat_template(settings.data.chat_template)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
         (tmp / "generation_config.json").write_text(json.dumps({**gen, "use_cache": False}, indent=2) + "\n")

@@ -10,6 +10,10 @@ the context's token boundary (so a word that merges across the boundary is token
 longer than the block size keep their last tokens, and `loglikelihood_rolling` scores a text in disjoint windows of
 the model's block size. Batches are right padded: the model is causal, so padding after a sequence never changes
 the logits of its real positions. `num_steps` selects the recurrence depth of a recurrent model.
+
+`--apply_chat_template` renders the requests with the chat template a run was fine-tuned with (`data.format:
+chat`), so a fine-tuned model is asked in the layout it learnt; `chat_template=NAME|FILE` in `--model_args`
+overrides it, and a pretraining run without a template gets the messages as plain paragraphs.
 """
 
 from __future__ import annotations
@@ -51,22 +55,25 @@ class RecpreLM(TemplateLM):
         device: str | None = "auto",
         state_init: str | None = "zero",
         max_gen_toks: int = 256,
+        chat_template: str | None = None,
         *,
         model: torch.nn.Module | None = None,
         tokenizer: Any = None,
         **unused: Any,
     ) -> None:
         super().__init__()
+        run_template = None
         if model is None:
             if checkpoint is None:
                 raise UserError("the recpre lm-eval model needs checkpoint=<checkpoint or run folder>")
             from recpre.checkpoint import load_model
             from recpre.data.tokenizer import load_tokenizer
-            from recpre.eval.tasks import run_data
+            from recpre.eval.tasks import run_tokenizer
 
             model, settings = load_model(checkpoint, device="cpu")
-            tokenizer_dir, _ = run_data(settings, model.config)
-            tokenizer = load_tokenizer(tokenizer_dir)
+            tokenizer = load_tokenizer(run_tokenizer(settings, model.config))
+            if getattr(settings.data, "format", None) == "chat":
+                run_template = settings.data.chat_template
         if tokenizer is None:
             raise ValueError("RecpreLM(model=...) needs its tokenizer too")
         from recpre.fabric import resolve_device
@@ -84,6 +91,12 @@ class RecpreLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         if tokenizer.eos_id is None:
             raise UserError("the tokenizer has no EOS token; lm-eval needs one as the empty-context prefix")
+        self.template_name = chat_template or run_template
+        self.template = None
+        if self.template_name:
+            from recpre.data.chat_template import load_chat_template
+
+            self.template = load_chat_template(self.template_name)
 
     # ---- lm-eval plumbing ---------------------------------------------------------------------------------------
     @property
@@ -96,7 +109,8 @@ class RecpreLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return str(getattr(self.tokenizer, "path", "recpre-tokenizer"))
+        name = str(getattr(self.tokenizer, "path", "recpre-tokenizer"))
+        return f"{name}+{self.template_name}" if self.template_name else name  # request caches per template
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         return self.tokenizer.encode(string)
@@ -104,9 +118,21 @@ class RecpreLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
 
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template lm-eval records with the results (empty when the messages are joined as paragraphs)."""
+        return self.template or ""
+
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """recpre's pretraining tokenizers carry no chat template (--apply_chat_template): the messages'
-        contents are joined as plain paragraphs, with an empty paragraph opening the reply."""
+        """The run's chat template when it has one; else the messages' contents as plain paragraphs, with an
+        empty paragraph opening the reply (pretraining tokenizers carry no template)."""
+        if self.template is not None:
+            from recpre.data.chat import special_tokens
+            from recpre.data.chat_template import render_chat
+
+            special = special_tokens(self.tokenizer)
+            return render_chat(
+                self.template, chat_history, add_generation_prompt=add_generation_prompt, special_tokens=special
+            )
         text = "\n\n".join(message["content"] for message in chat_history)
         return text + "\n\n" if add_generation_prompt else text
 

@@ -46,25 +46,33 @@ class TaskBuild:
 # ---- where a checkpoint's data lives ----------------------------------------------------------------------------
 
 
+def run_tokenizer(settings: Any, config: Any) -> Path:
+    """The tokenizer folder of the run a checkpoint came from: `data.tokenizer`, else the embedded corpus's (which
+    chat runs on their own conversations also use)."""
+    d = settings.data
+    if d.tokenizer:
+        return Path(d.tokenizer)
+    if d.train and getattr(d, "format", None) != "chat":
+        raise UserError("the checkpoint's run sets data.train but not data.tokenizer; cannot tell its tokenizer")
+    from recpre.data.corpus import prepare_embedded_corpus
+
+    return prepare_embedded_corpus(config.block_size, cache_dir=d.cache_dir, progress=False).tokenizer_dir
+
+
 def run_data(settings: Any, config: Any) -> tuple[Path, list[str]]:
     """(tokenizer folder, held-out parquet paths) of the run a checkpoint came from.
 
     Mirrors train.py: `data.tokenizer` / `data.val` when set, otherwise the embedded corpus at the model's block size.
     """
     d = settings.data
-    tokenizer = Path(d.tokenizer) if d.tokenizer else None
-    val = [str(p) for p in d.val] if d.val else []
-    if tokenizer is None or not val:
-        if d.train and tokenizer is None:
-            raise UserError("the checkpoint's run sets data.train but not data.tokenizer; cannot tell its tokenizer")
-        if d.train and not val:
-            raise UserError("the checkpoint's run has no data.val; bundled tasks need a held-out split (set data.val)")
-        from recpre.data.corpus import prepare_embedded_corpus
+    tokenizer = run_tokenizer(settings, config)
+    if d.val:
+        return tokenizer, [str(p) for p in d.val]
+    if d.train:
+        raise UserError("the checkpoint's run has no data.val; bundled tasks need a held-out split (set data.val)")
+    from recpre.data.corpus import prepare_embedded_corpus
 
-        corpus = prepare_embedded_corpus(config.block_size, cache_dir=d.cache_dir, progress=False)
-        tokenizer = tokenizer or corpus.tokenizer_dir
-        val = val or list(corpus.val)
-    return tokenizer, val
+    return tokenizer, list(prepare_embedded_corpus(config.block_size, cache_dir=d.cache_dir, progress=False).val)
 
 
 # ---- held-out text ----------------------------------------------------------------------------------------------
