@@ -480,7 +480,8 @@ def _save_checkpoint(
     if world > 1:
         fabric.barrier()
     if shards is not None:
-        _write_file(tmp / DCP_METADATA, lambda path: write_shards(path.parent, shards))
+        group = getattr(fabric, "process_group", None)  # an asynchronous save's own group (recpre/async_checkpoint.py)
+        _write_file(tmp / DCP_METADATA, lambda path: write_shards(path.parent, shards, process_group=group))
     if rank != 0:
         _write_file(tmp / rank_file(rank), lambda path: torch.save(rank_state, path))
     else:
