@@ -9,6 +9,11 @@ disk during one in tests/test_fault_checkpoint.py.
 
 from __future__ import annotations
 
+import os
+import runpy
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +21,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import tiny_run_args
+from conftest import REPO, tiny_run_args
 
 from recpre.async_checkpoint import AsyncSaver, wait_for_saves
 from recpre.checkpoint import find_latest, load_state, verify_checkpoint
@@ -24,6 +29,7 @@ from recpre.errors import UserError
 from recpre.monitor import read_metrics
 from recpre.settings import load_settings, settings_to_yaml
 
+HERE = Path(__file__).resolve()
 EXTRA = ["train.max_steps=8", "checkpoint.interval=4", "checkpoint.keep=10", "eval.interval=0"]
 
 
@@ -128,6 +134,39 @@ def test_one_save_at_a_time_and_the_run_ends_after_its_last_save(train_module, t
     assert events[-1][0] == "finished" and events[-2] == ("checkpoint", 8), events
 
 
+def test_a_signal_stop_waits_for_its_async_save_before_exit(tiny_corpus, tmp_path):
+    """SIGTERM to a real train.py whose checkpoint writes take 1 s each: the stop's save (written in the
+    background) is complete, verified and `latest`, and recorded before the `stopped` event, when the process
+    exits. The time-limit stop ends through the same path (finish)."""
+    run = tmp_path / "run"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    args = args_for(run, tiny_corpus, "train.max_steps=40", "checkpoint.interval=0", "checkpoint.async=true")
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE), "1.0", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(loss_steps(run)) < 3 and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    events = [(r.get("event"), r.get("step")) for r in read_metrics(run / "metrics.jsonl") if r.get("event")]
+    at = max(loss_steps(run))
+    assert at < 40 and events[-2:] == [("checkpoint", at), ("stopped", at)], events
+    root = run / "checkpoints"
+    assert (root / "latest").read_text().strip() == f"step-{at:08d}" and find_latest(root).name == f"step-{at:08d}"
+
+
 def test_a_save_in_flight_is_completed_before_the_process_group_closes(tmp_path):
     """A run that ends on an error (train.py's finally) lets the save in flight finish: wait_for_saves blocks
     until the background write is done, and reports a failed one as a warning instead of raising."""
@@ -156,3 +195,18 @@ def test_checkpoint_async_is_a_settings_key_that_round_trips(tmp_path):
         load_settings(None, ["checkpoint.async=sometimes"])
     with pytest.raises(UserError, match=r"unknown key 'checkpoint\.async_'.*did you mean 'checkpoint\.async'"):
         load_settings(None, ["checkpoint.async_=true"])
+
+
+# ------------------------------------------------------------------------------------------------ child process
+
+if __name__ == "__main__":  # python tests/test_async_checkpoint.py SECONDS train-args...: every weights write slowed
+    delay, real = float(sys.argv[1]), safetensors.torch.save_file
+
+    def slow_save_file(*args, **kwargs):
+        time.sleep(delay)
+        return real(*args, **kwargs)
+
+    safetensors.torch.save_file = slow_save_file
+    sys.argv = [str(REPO / "train.py"), *sys.argv[2:]]
+    sys.path.insert(0, str(REPO))
+    runpy.run_path(str(REPO / "train.py"), run_name="__main__")
