@@ -87,7 +87,7 @@ class AsyncSaver:
     def __init__(self, fabric: Any) -> None:
         world = getattr(fabric, "world_size", 1)
         group = None
-        if world > 1 and dist.is_initialized():
+        if dist.is_initialized():  # even at world size 1: DCP would otherwise plan on the loop's default group
             timeout = timedelta(seconds=float(getattr(fabric, "timeout_s", 1800)))
             group = dist.new_group(backend="gloo", timeout=timeout)
         self.group = SaveGroup(getattr(fabric, "rank", 0), world, group)
