@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from recpre import xla as xla_helpers
+from recpre.async_checkpoint import wait_for_saves
 from recpre.checkpoint import (
     CHECKPOINTS_DIR,
     CheckpointSaveError,
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         stop.uninstall()
+        wait_for_saves()  # checkpoint.async: a save in flight completes before the process group closes
         fabric.teardown()
 
 
@@ -308,9 +310,11 @@ class Run:
     def save(self) -> Path | None:
         if not self.trainer.backend.saves_checkpoints:
             return None
-        path = self.parts.save(self.state.step)
+        # checkpoint.async returns once the state is staged; the event is logged once the folder is complete
+        path = self.parts.save(
+            self.state.step, on_saved=lambda s, p: self.monitor.event("checkpoint", step=s, path=str(p))
+        )
         self.last_saved = self.state.step
-        self.monitor.event("checkpoint", step=self.state.step, path=str(path))
         return path
 
 
@@ -338,7 +342,7 @@ def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | Non
     parts = RunState(
         fabric, backend, model, optimizer, config.to_dict(), settings_to_yaml(settings), run_dir / CHECKPOINTS_DIR,
         settings.checkpoint.keep, shared={"optim": OptimizerIdentity(settings.optim), "progress": state},
-        per_rank={"loader": loader, "rng": RngState(fabric.device)},
+        per_rank={"loader": loader, "rng": RngState(fabric.device)}, async_save=settings.checkpoint.async_,
     )  # fmt: skip
     fabric.seed_everything(seed, per_rank=True)
     if ckpt is not None and not parts.restore(ckpt):
@@ -443,6 +447,7 @@ def check_health(run: Run, loss: float, grad_norm: float) -> None:
         monitor.print(f"step {state.step}: non-finite gradient norm, step skipped ({state.skipped_steps} so far)")
         if state.nonfinite_in_a_row >= tr.max_nonfinite_steps:
             path = run.save()
+            run.parts.wait()
             raise TrainingAborted(
                 f"{state.nonfinite_in_a_row} optimizer steps in a row had non-finite gradients "
                 f"(train.max_nonfinite_steps={tr.max_nonfinite_steps}); the weights are saved unchanged in {path}: "
@@ -461,6 +466,7 @@ def finish(run: Run, stop: StopRequest, stopped: str | None) -> int:
     state, monitor = run.state, run.monitor
     if run.last_saved != state.step:
         run.save()
+    run.parts.wait()  # checkpoint.async: the last save is complete (or its error raised) before the run ends
     summary = {"steps": state.step, "tokens": state.tokens, "skipped_steps": state.skipped_steps}
     summary.update(wall_s=round(time.perf_counter() - run.started, 1), **monitor.run_validation_summary())
     if stopped is not None:

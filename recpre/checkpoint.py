@@ -15,7 +15,8 @@ A checkpoint is a folder `RUN/checkpoints/step-NNNNNNNN/`:
 
 It is written into `checkpoints/.tmp-step-NNNNNNNN/`, fsync'd and renamed, then the text file
 `checkpoints/latest` is replaced atomically. A folder without a valid manifest is never used: loading
-falls back to the previous complete checkpoint with a warning that names the bad one.
+falls back to the previous complete checkpoint with a warning that names the bad one. With `checkpoint.async`
+the same save runs in a background thread on a snapshot of the state (recpre/async_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -480,7 +481,8 @@ def _save_checkpoint(
     if world > 1:
         fabric.barrier()
     if shards is not None:
-        _write_file(tmp / DCP_METADATA, lambda path: write_shards(path.parent, shards))
+        group = getattr(fabric, "process_group", None)  # an asynchronous save's own group (recpre/async_checkpoint.py)
+        _write_file(tmp / DCP_METADATA, lambda path: write_shards(path.parent, shards, process_group=group))
     if rank != 0:
         _write_file(tmp / rank_file(rank), lambda path: torch.save(rank_state, path))
     else:

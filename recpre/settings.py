@@ -8,9 +8,11 @@ naming the key and where it was set; nothing is written while loading.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
+import keyword
 import os
 import re
 import tempfile
@@ -188,6 +190,9 @@ class CheckpointSettings:
     keep: int = 2  # keep the last K checkpoints
     save_before_end_min: float = 10.0  # save this many minutes before the SLURM time limit; 0 = off
     on_signal: bool = True  # save on SIGUSR1/SIGUSR2/SIGTERM before exiting
+    # key `checkpoint.async` (a Python keyword, so the field has a trailing underscore): the loop stalls only to
+    # copy the state to CPU memory; a background thread writes it (docs/checkpoints.md)
+    async_: bool = False
 
 
 @dataclass
@@ -211,6 +216,28 @@ class Settings:
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _field_name(key: str) -> str:
+    """The dataclass field of a settings key: a key that is a Python keyword (`checkpoint.async`) is spelled
+    with a trailing underscore in Python."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def _key_name(name: str) -> str:
+    """The settings key (as YAML, overrides and messages spell it) of a dataclass field."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def _as_keys(node: Any) -> Any:
+    """dataclasses.asdict with every field named by its settings key (`async_` -> `async`)."""
+    if dataclasses.is_dataclass(node):
+        return {_key_name(f.name): _as_keys(getattr(node, f.name)) for f in dataclasses.fields(node)}
+    if isinstance(node, dict):
+        return {k: _as_keys(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_as_keys(v) for v in node)
+    return copy.deepcopy(node)
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -241,7 +268,7 @@ def _all_keys(cls: type = Settings, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(inner):
             out += _all_keys(inner, f"{prefix}{name}.")
         else:
-            out.append(f"{prefix}{name}")
+            out.append(f"{prefix}{_key_name(name)}")
     return out
 
 
@@ -252,7 +279,7 @@ def _type_at(key: str) -> Any:
         inner, _ = _strip_optional(tp)
         if not dataclasses.is_dataclass(inner):
             break
-        tp = _hints(inner).get(part, Any)
+        tp = _hints(inner).get(_field_name(part), Any)
     return tp
 
 
@@ -275,14 +302,14 @@ def _check_layer(data: Any, cls: type, prefix: str, source: str) -> dict:
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "the top level"
         raise UserError(f"{where} in {source} must be a mapping of keys, got {data!r}.")
-    hints = _hints(cls)
+    hints = {_key_name(name): tp for name, tp in _hints(cls).items()}
     out: dict = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
         if not isinstance(key, str) or key not in hints:
             what = "section" if not prefix else "key"
             raise UserError(f"unknown {what} '{full}' in {source}{_did_you_mean(str(full), list(hints))}")
-        tp = hints[key]
+        tp, key = hints[key], _field_name(key)  # normalized to field names, which the dataclass tree merges
         inner, optional = _strip_optional(tp)
         if dataclasses.is_dataclass(inner):
             out[key] = _check_layer(value if value is not None else {}, inner, f"{full}.", source)
@@ -303,7 +330,7 @@ def _merge(cfg: Any, layer: dict, source: str) -> Any:
     try:
         return OmegaConf.merge(cfg, layer)
     except OmegaConfBaseException as err:
-        key = err.full_key or "?"
+        key = ".".join(_key_name(part) for part in (err.full_key or "?").split("."))
         raise UserError(f"{key} in {source} must be {_describe(_type_at(key))}, got {err.value!r}.") from None
 
 
@@ -696,11 +723,11 @@ _Dumper.add_representer(list, _Dumper.represent_list)
 
 def settings_to_dict(settings: Settings) -> dict[str, Any]:
     """The settings as nested plain values (e.g. wandb's config, so runs can be filtered by optim.lr)."""
-    return dataclasses.asdict(settings)
+    return _as_keys(settings)
 
 
 def settings_to_yaml(settings: Settings) -> str:
-    body = yaml.dump(_escape(dataclasses.asdict(settings)), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    body = yaml.dump(_escape(settings_to_dict(settings)), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
     return "# Resolved recpre settings: load_settings(this_file, []) reproduces them exactly.\n" + body
 
 

@@ -208,14 +208,15 @@ def _plain_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in g.items()} for g in groups]
 
 
-def write_shards(folder: Path, tensors: dict[str, Any]) -> None:
-    """Every rank writes its shards of `tensors` into `folder` (rank 0 also `.metadata`). Collective."""
+def write_shards(folder: Path, tensors: dict[str, Any], process_group: Any = None) -> None:
+    """Every rank writes its shards of `tensors` into `folder` (rank 0 also `.metadata`). Collective over
+    `process_group` (None: the default group)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True)
     try:
-        dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
+        dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=not dist.is_initialized())
     except CheckpointException as err:  # a full disk on any rank: its OSError, so the save fails cleanly
         raise next((c for c in _causes(err) if isinstance(c, OSError)), RuntimeError(str(err))) from err

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from recpre.async_checkpoint import AsyncSaver, Saved, snapshot
 from recpre.checkpoint import MODEL_FILE, load_rank_state, load_state, rng_state, save_checkpoint, set_rng_state
 from recpre.errors import UserError
 from recpre.guardrails import LossSpikeGuard
@@ -126,10 +127,21 @@ class RunState:
     keep: int
     shared: dict[str, Stateful] = field(default_factory=dict)
     per_rank: dict[str, Stateful] = field(default_factory=dict)
+    async_save: bool = False  # checkpoint.async: written by a background thread (recpre/async_checkpoint.py)
 
-    def save(self, step: int) -> Path:
+    def __post_init__(self) -> None:
+        self.saver = AsyncSaver(self.fabric) if self.async_save else None
+
+    def save(self, step: int, on_saved: Saved | None = None) -> Path:
         """Write checkpoint `step` (every rank calls this); returns its folder. A sharded run's ranks each write
-        their own shards (recpre/sharded_checkpoint.py); the others save the gathered single-file format."""
+        their own shards (recpre/sharded_checkpoint.py); the others save the gathered single-file format.
+
+        With `async_save` the state is copied to CPU memory and written in the background: this returns once the
+        copy is made, and `wait()` returns once the folder is complete. `on_saved(step, folder)` runs in the
+        calling thread when it is (at once for a synchronous save).
+        """
+        if self.saver is not None:
+            self.saver.wait()  # never two saves in flight; the previous one's failure is raised here
         shards = None
         if writes_sharded(self.fabric):
             shards, optimizer = local_shards(self.fabric, self.model, self.optimizer)
@@ -137,18 +149,25 @@ class RunState:
         else:
             full = self.backend.full_state(self.fabric, self.model, self.optimizer)
             weights, optimizer = full["model"], full["optimizer"]
-        return save_checkpoint(
-            self.root,
-            step,
-            model=weights,
-            model_config=self.model_config,
-            settings_yaml=self.settings_yaml,
-            state={"optimizer": optimizer, **{name: p.state_dict() for name, p in self.shared.items()}},
-            rank_state={name: part.state_dict() for name, part in self.per_rank.items()},
-            fabric=self.fabric,
-            keep=self.keep,
-            shards=shards,
-        )
+        contents = {
+            "model": weights,
+            "state": {"optimizer": optimizer, **{name: p.state_dict() for name, p in self.shared.items()}},
+            "rank_state": {name: part.state_dict() for name, part in self.per_rank.items()},
+            "shards": shards,
+        }
+        common = {"model_config": self.model_config, "settings_yaml": self.settings_yaml, "keep": self.keep}
+        if self.saver is None:
+            path = save_checkpoint(self.root, step, fabric=self.fabric, **common, **contents)
+            if on_saved is not None:
+                on_saved(step, path)
+            return path
+        staged = snapshot(contents)
+        write = lambda group: save_checkpoint(self.root, step, fabric=group, **common, **staged)  # noqa: E731
+        return self.saver.submit(step, self.root, write, on_saved)
+
+    def wait(self) -> Path | None:
+        """Block until an asynchronous save in flight is complete (raising its error); None when none is."""
+        return self.saver.wait() if self.saver is not None else None
 
     def restore(self, ckpt: Path) -> bool:
         """Weights and every registered part from `ckpt` (verified by rank 0 before); False when it holds

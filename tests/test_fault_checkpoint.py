@@ -191,12 +191,17 @@ def test_an_attempt_that_died_before_its_first_checkpoint_starts_over_with_a_war
     assert losses(run) == losses(finished)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_full_disk_during_a_save_is_reported_and_the_previous_checkpoint_stays_good(
-    train_module, tiny_corpus, finished, tmp_path, monkeypatch, capsys
+    mode, train_module, tiny_corpus, finished, tmp_path, monkeypatch, capsys
 ):
-    """The save of step 6 gets ENOSPC half-way through writing state.pt (after model.safetensors was written)."""
+    """The save of step 6 gets ENOSPC half-way through writing state.pt (after model.safetensors was written).
+
+    With checkpoint.async the background writer fails while training goes on; the next save (step 8) waits for
+    it, and the run stops there with the same one-line error and exit code as a synchronous save's failure."""
     run = tmp_path / "run"
     real_save = torch.save
+    asynchronous = ["checkpoint.async=true"] if mode == "async" else []
 
     def full_disk_save(obj, f, *args, **kwargs):
         if "step-00000006" in str(f):
@@ -206,7 +211,7 @@ def test_a_full_disk_during_a_save_is_reported_and_the_previous_checkpoint_stays
 
     monkeypatch.setattr(torch, "save", full_disk_save)
     capsys.readouterr()
-    code = train_module.main(args_for(run, tiny_corpus))
+    code = train_module.main(args_for(run, tiny_corpus, *asynchronous))
     err = capsys.readouterr().err
     assert code == 1
     assert "No space left on device" in err and "step-00000006" in err, err
@@ -220,11 +225,15 @@ def test_a_full_disk_during_a_save_is_reported_and_the_previous_checkpoint_stays
     model, _ = load_model(root / "step-00000004")
     assert load_state(root / "step-00000004")["progress"]["step"] == 4
     assert sum(p.numel() for p in model.parameters()) > 0
-    assert not [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "finished"]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert not [r for r in rows if r.get("event") == "finished"]
+    assert [r["step"] for r in rows if r.get("event") == "checkpoint"] == [2, 4], "step 6 is never recorded saved"
+    if asynchronous:  # the loop went on while step 6 was written and stopped at the next save, step 8
+        assert max(losses(run)) == 8
 
     # space freed: the same command resumes from step 4 and ends exactly like a run that never failed
     monkeypatch.setattr(torch, "save", real_save)
-    assert train_module.main(args_for(run, tiny_corpus)) == 0
+    assert train_module.main(args_for(run, tiny_corpus, *asynchronous)) == 0
     assert losses(run) == losses(finished)
     ref, got = weights(finished / "checkpoints" / "step-00000008"), weights(root / "step-00000008")
     assert all(torch.equal(ref[k], got[k]) for k in ref)

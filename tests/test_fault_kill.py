@@ -62,10 +62,10 @@ def reference(train_module, tiny_corpus, tmp_path_factory):
     return run
 
 
-def resume_and_compare(train_module, corpus, run: Path, reference: Path, capsys) -> str:
+def resume_and_compare(train_module, corpus, run: Path, reference: Path, capsys, *extra: str) -> str:
     """Resume `run` in-process to the end; its losses, validation and final weights must equal the reference's."""
     capsys.readouterr()
-    assert train_module.main(args_for(run, corpus) + ["log.progress=lines"]) == 0
+    assert train_module.main(args_for(run, corpus) + ["log.progress=lines", *extra]) == 0
     out = capsys.readouterr().out
     assert loss_rows(run) == loss_rows(reference)
     assert val_rows(run) == val_rows(reference)
@@ -188,6 +188,50 @@ def test_kill_inside_a_checkpoint_write_never_yields_a_partial_latest(
     assert find_latest(root).name == expected
     out = resume_and_compare(train_module, tiny_corpus, run, reference, capsys)
     assert f"resumed from {expected}" in out
+
+
+def test_kill_during_an_async_save_leaves_the_previous_checkpoint_as_latest(
+    train_module, tiny_corpus, reference, tmp_path, capsys
+):
+    """checkpoint.async: the background writer of step 6 pauses after model.safetensors while the loop trains on
+    (step 7 is logged); SIGKILL then leaves step 4 as `latest`, and the run resumes from it to the same end."""
+    run = tmp_path / "run"
+    asynchronous = ["checkpoint.async=true"]
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE), "files", "6", *args_for(run, tiny_corpus), *asynchronous],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("PAUSED"):
+                break
+        assert seen and seen[-1].startswith("PAUSED"), "".join(seen) + proc.stderr.read()[-3000:]
+        deadline = time.monotonic() + 60
+        while max(loss_rows(run), default=0) < 7 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        trained_on = max(loss_rows(run), default=0)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert trained_on >= 7, "training must go on while the checkpoint of step 6 is written"
+
+    root = run / "checkpoints"
+    assert (root / ".tmp-step-00000006").is_dir(), "the kill must land inside the write of step 6"
+    assert complete_checkpoints(run) == ["step-00000002", "step-00000004"]
+    assert (root / "latest").read_text().strip() == "step-00000004"
+    assert find_latest(root).name == "step-00000004"
+    out = resume_and_compare(train_module, tiny_corpus, run, reference, capsys, *asynchronous)
+    assert "resumed from step-00000004" in out
 
 
 # ------------------------------------------------------------------------------------------------ child process
