@@ -139,6 +139,7 @@ def test_apply_chat_template_asks_a_fine_tuned_run_in_its_own_template(sft_run, 
     prompts = [s["arguments"]["gen_args_0"]["arg_0"] for s in samples]
     assert len(prompts) == 2
     for prompt in prompts:
-        assert prompt.startswith("<|user|>\ndef f") and prompt.endswith("(<|assistant|>\n"), prompt  # trim_blocks eats "\n"
+        # the `plain` template's trim_blocks eats the newline after a user turn (as transformers renders it)
+        assert prompt.startswith("<|user|>\ndef f") and prompt.endswith("(<|assistant|>\n"), prompt
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     assert "<|assistant|>" in results["chat_template"]
