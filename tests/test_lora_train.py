@@ -188,3 +188,37 @@ def test_the_lora_sft_config_trains_adapters_of_the_debug_model(train_module, tm
     fraction = float(out.split("trainable ")[1].split("%")[0])
     assert 0 < fraction < 6  # rank 8 on every attention and MLP projection of debug-recurrent
     assert all(".lora_" in k for k in adapters(run)) and len(losses(run)) == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_lora_on_two_gloo_ranks_trains_as_one_process(tiny_corpus, bases, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def run(out: Path, nproc: int) -> tuple[dict[int, float], dict[str, torch.Tensor]]:
+        strategy = "single" if nproc == 1 else "simple-ddp"
+        args = lora_args(out, tiny_corpus, bases[0], "train.max_steps=3", "train.world_batch_size=8",
+                         "model.lora.targets=[core,prelude.attn]", f"fabric.strategy={strategy}")  # fmt: skip
+        cmd = [sys.executable, "train.py", *args]
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   f"--master_port={_free_port()}", "train.py", *args]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return losses(out), adapters(out)
+
+    (one, a), (two, b) = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    assert sorted(one) == [1, 2, 3] and one == pytest.approx(two, abs=1e-5)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
