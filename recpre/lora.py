@@ -61,6 +61,12 @@ def apply_lora(model: nn.Module, lora: Any, *, device: torch.device | str = "cpu
     plain = unwrap_model(model)
     targets = resolve_targets(lora.targets, [name for name, _ in plain.named_modules()])
     core = [t for t in targets if t.startswith(core_stage_prefix())]
+    if lora.per_iteration > 1 and not core:
+        raise UserError(
+            f"model.lora.per_iteration={lora.per_iteration} gives the looped core per-iteration adapters, but "
+            f"model.lora.targets {list(lora.targets)} selects no core layer; add core (or core.attn, core.mlp) to "
+            "the targets or set model.lora.per_iteration to 0"
+        )
     shared = [t for t in targets if t not in core] if lora.per_iteration > 1 else targets
     groups = [(SHARED, shared)] if shared else []
     if lora.per_iteration > 1:

@@ -71,6 +71,8 @@ def test_targets_select_the_attention_and_mlp_projections_of_each_stage_separate
     ]
     with pytest.raises(UserError, match="selects no layer"):
         resolve_targets(["blocks.attn"], names)  # a GPT's stage on a recurrent model
+    with pytest.raises(UserError, match="selects no core layer"):
+        apply_lora(tiny(), lora(targets=["coda"], per_iteration=2))
 
 
 def test_only_adapters_train_and_rank_8_on_every_projection_of_the_debug_model_is_under_6_percent():
