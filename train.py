@@ -36,6 +36,7 @@ from recpre.errors import UserError, run_cli
 from recpre.fabric import FabricError, SimpleFabric
 from recpre.flops import device_peak, mfu
 from recpre.guardrails import LossSpikeGuard, TrainingAborted, debug_nan_steps
+from recpre.lora import attach_lora
 from recpre.memory import memory_line
 from recpre.memory_plan import check_device_memory, plan_command
 from recpre.model import build_model, compile_blocks
@@ -329,9 +330,12 @@ def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | Non
     fabric.seed_everything(seed)  # weights are identical on every rank (the fabric also broadcasts them)
     model = build_model(config, device="meta" if fabric.builds_on_meta else "cpu")
     ckpt = agree_on_checkpoint(settings, run_dir, config, fabric)
-    init_from = settings.run.init_from if ckpt is None else None
+    # A LoRA run's checkpoints hold adapters only: its base comes from run.init_from on every start.
+    init_from = settings.run.init_from if ckpt is None or settings.model.lora.rank else None
+    loaded = None  # the file run.init_from resolved to
     if init_from and not fabric.builds_on_meta:
-        load_initial_weights(model, init_from, config=config.to_dict())
+        loaded = load_initial_weights(model, init_from, config=config.to_dict())
+    adapters = attach_lora(model, settings, fabric, loaded)  # model.lora: docs/lora.md
     model = fabric.setup_model(model)  # sharded strategies materialise and initialise a meta model here
     if init_from and fabric.builds_on_meta:
         load_initial_weights(model, init_from, config=config.to_dict(), fabric=fabric)  # shard by shard
@@ -343,6 +347,7 @@ def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | Non
         fabric, backend, model, optimizer, config.to_dict(), settings_to_yaml(settings), run_dir / CHECKPOINTS_DIR,
         settings.checkpoint.keep, shared={"optim": OptimizerIdentity(settings.optim), "progress": state},
         per_rank={"loader": loader, "rng": RngState(fabric.device)}, async_save=settings.checkpoint.async_,
+        adapters=adapters,
     )  # fmt: skip
     fabric.seed_everything(seed, per_rank=True)
     if ckpt is not None and not parts.restore(ckpt):

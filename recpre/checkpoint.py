@@ -665,6 +665,12 @@ def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any]
     try:
         st_load_model(unwrap_model(model), str(file), strict=True)
     except RuntimeError as err:
+        names = _LazyWeights(file).keys()
+        if any(".lora_A." in key for key in names):
+            raise UserError(
+                f"{file} holds LoRA adapters only, not a whole model; write a full checkpoint first with "
+                f"evaluate/merge_lora.py --checkpoint {file.parent} --out DIR, and load DIR"
+            ) from None
         raise UserError(f"weights in {file} do not fit this model ({str(err).splitlines()[0]})") from err
     except SafetensorError as err:
         raise UserError(

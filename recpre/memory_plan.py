@@ -432,7 +432,7 @@ def plan_command(settings: Any, world_size: int | None, device_gib: float | None
 
 def check_device_memory(settings: Any, fabric: Any) -> None:
     """At start-up on a GPU: refuse (UserError, the planner's sentence) a run whose plan exceeds the device."""
-    if fabric.device.type != "cuda":
-        return
+    if fabric.device.type != "cuda" or settings.model.lora.rank:  # the plan counts every weight's grads and state:
+        return  # a LoRA run (docs/lora.md) holds those for its adapters only, so the plan would refuse runs that fit
     total = torch.cuda.get_device_properties(fabric.device).total_memory
     check_fits(PlanInputs.from_settings(settings, fabric.world_size, fabric.shard_size), total / GIB)

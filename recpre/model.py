@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from recpre import attention
 from recpre.config import ModelConfig
 from recpre.ops import IGNORE_INDEX
+from recpre.unwrap import plain_parameter_name
 
 
 @dataclass
@@ -292,7 +293,7 @@ class _LanguageModel(nn.Module):
     def init_parameter(self, name: str, p: Tensor) -> None:
         """Initialise the full tensor of parameter `name` in place (a sharding fabric calls this one parameter
         at a time, in named_parameters order, so sharded and unsharded builds draw the same weights)."""
-        c = self.config
+        c, name = self.config, plain_parameter_name(name)
         if "norm" in name.rsplit(".", 2)[-2] or name.endswith("ln_f.weight"):
             nn.init.ones_(p)
         elif name.endswith(".bias") or name.endswith("qk_bias"):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from recpre.errors import UserError
 from recpre.settings import OPTIMIZERS as NAMES
 from recpre.settings import OptimSettings
+from recpre.unwrap import plain_parameter_name
 
 # parameter names (last component of the owning module) that are the LM head / embeddings, not hidden matrices
 HEAD_NAMES = ("lm_head", "head", "output", "wte", "embed_tokens", "tok_embeddings", "embedding", "embeddings")
@@ -50,6 +51,7 @@ def _classify(model: nn.Module) -> list[tuple[str, nn.Parameter, bool, bool, boo
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        name = plain_parameter_name(name)  # a LoRA-wrapped layer's weight is matched by its own name
         out.append((name, p, id(p) in embedding_ids, id(p) in head_ids, id(p) in norm_ids))
     return out
 

@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from recpre.config import FUSED_HEADS, ModelConfig
 from recpre.errors import UserError
+from recpre.lora_targets import check_targets
 from recpre.recurrence import CURRICULA, SAMPLING_SCHEMES, STATE_NOISE
 from recpre.settings_sources import (
     Origins,
@@ -70,6 +71,16 @@ class RunSettings:
 
 
 @dataclass
+class LoraSettings:
+    rank: int = 0  # LoRA rank; 0 = no LoRA (the whole model trains). docs/lora.md
+    alpha: float = 16.0  # scale of the adapter's update: alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input
+    targets: list[str] = field(default_factory=lambda: ["all"])  # STAGE[.attn|.mlp[.PROJ]], all, attn, mlp, injection
+    per_iteration: int = 0  # m >= 2: the core's first m iterations get their own adapter (later ones the last)
+    quantize: str | None = None  # "4bit": the frozen base in 4-bit NF4 (QLoRA; bitsandbytes, CUDA only)
+
+
+@dataclass
 class ModelSettings:
     name: str = "debug-recurrent"  # a shape from recpre.model_registry
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the named shape
@@ -77,6 +88,7 @@ class ModelSettings:
     fused_head: str = "none"  # "chunked" = fused linear cross-entropy head (O(chunk x vocab) memory)
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    lora: LoraSettings = field(default_factory=LoraSettings)  # low-rank adapters on a frozen base (rank > 0)
 
 
 @dataclass
@@ -374,6 +386,7 @@ def _validate(s: Settings, where: Origins) -> None:
     _check_train(s, where)
     _check_schedule(s, where)
     _check_fabric(s, where)
+    _check_lora(s, where)
 
     _require(s.log.interval >= 1, "log.interval", where, f"must be >= 1, got {s.log.interval}")
     e = s.eval
@@ -390,6 +403,31 @@ def _validate(s: Settings, where: Origins) -> None:
     _require(c.interval >= 0, "checkpoint.interval", where, f"must be >= 0 (0 = only at end), got {c.interval}")
     _require(c.keep >= 1, "checkpoint.keep", where, f"must be >= 1, got {c.keep}")
     _require(c.save_before_end_min >= 0, "checkpoint.save_before_end_min", where, "must be >= 0 (0 = off)")
+
+
+def _check_lora(s: Settings, where: Origins) -> None:
+    """LoRA settings (docs/lora.md); only checked when LoRA is on (rank > 0)."""
+    lo = s.model.lora
+    _require(lo.rank >= 0, "model.lora.rank", where, f"must be >= 0 (0 = no LoRA), got {lo.rank}")
+    if lo.rank == 0:
+        return
+    _require(lo.alpha > 0, "model.lora.alpha", where, f"must be > 0, got {lo.alpha}")
+    _require(0 <= lo.dropout < 1, "model.lora.dropout", where, f"must be in [0, 1), got {lo.dropout}")
+    _require(lo.per_iteration >= 0, "model.lora.per_iteration", where, f"must be >= 0, got {lo.per_iteration}")
+    _require(bool(lo.targets), "model.lora.targets", where, "must name at least one target (e.g. [all])")
+    try:
+        check_targets(lo.targets, f"model.lora.targets in {where('model.lora.targets')}")
+    except UserError as err:
+        raise UserError(f"{err}.") from None
+    if lo.quantize is not None:
+        _one_of(lo.quantize, ("4bit",), "model.lora.quantize", where)
+    _require(
+        s.fabric.strategy not in ("fsdp", "hsdp", "xla"),
+        "fabric.strategy",
+        where,
+        f"is {s.fabric.strategy!r}, which LoRA does not support yet; use single, simple-ddp or torch-ddp with "
+        "model.lora",
+    )
 
 
 def _check_data(s: Settings, where: Origins) -> None:

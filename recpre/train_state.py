@@ -128,6 +128,7 @@ class RunState:
     shared: dict[str, Stateful] = field(default_factory=dict)
     per_rank: dict[str, Stateful] = field(default_factory=dict)
     async_save: bool = False  # checkpoint.async: written by a background thread (recpre/async_checkpoint.py)
+    adapters: Any = None  # recpre.lora.LoraAdapters: a LoRA run's weights file holds its adapters only
 
     def __post_init__(self) -> None:
         self.saver = AsyncSaver(self.fabric) if self.async_save else None
@@ -142,16 +143,18 @@ class RunState:
         """
         if self.saver is not None:
             self.saver.wait()  # never two saves in flight; the previous one's failure is raised here
-        shards = None
+        shards, lora = None, {} if self.adapters is None else {"lora": self.adapters.state_dict()}
         if writes_sharded(self.fabric):
             shards, optimizer = local_shards(self.fabric, self.model, self.optimizer)
             weights = None
         else:
             full = self.backend.full_state(self.fabric, self.model, self.optimizer)
             weights, optimizer = full["model"], full["optimizer"]
+            if self.adapters is not None and weights is not None:
+                weights = self.adapters.select(weights)
         contents = {
             "model": weights,
-            "state": {"optimizer": optimizer, **{name: p.state_dict() for name, p in self.shared.items()}},
+            "state": {"optimizer": optimizer, **{name: p.state_dict() for name, p in self.shared.items()}, **lora},
             "rank_state": {name: part.state_dict() for name, part in self.per_rank.items()},
             "shards": shards,
         }
@@ -179,7 +182,14 @@ class RunState:
             state["rank"] = load_rank_state(ckpt, self.fabric.rank)
         state = upgrade_legacy_state(state)
         full = None
-        if is_sharded_checkpoint(ckpt):  # every rank reads the whole state and keeps its part: any world size
+        if self.adapters is not None:  # the base is this run's own (run.init_from); the checkpoint adds adapters
+            self.adapters.restore(ckpt, state, ckpt / MODEL_FILE)
+        elif "lora" in state:
+            raise UserError(
+                f"checkpoint {ckpt} holds LoRA adapters only; resume it with the model.lora settings it was trained "
+                f"with, or write a full checkpoint first with evaluate/merge_lora.py --checkpoint {ckpt} --out DIR"
+            )
+        elif is_sharded_checkpoint(ckpt):  # every rank reads the whole state and keeps its part: any world size
             full = read_full_state(ckpt, state.get("optimizer") or {"param_groups": []})
             self.fabric.load_full_state_dict(self.model, None, {"model": full["model"]}, source=str(ckpt))
         else:

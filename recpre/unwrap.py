@@ -17,3 +17,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def plain_parameter_name(name: str) -> str:
+    """A parameter's name as the bare model has it: a layer that peft wrapped for LoRA keeps its weight under
+    `<layer>.base_layer.weight`, which weight-decay groups, initialisation and checkpoints know as `<layer>.weight`."""
+    return name.replace(".base_layer.", ".")
