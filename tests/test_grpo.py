@@ -3,6 +3,7 @@ rollouts and losses, the held-out evaluation rows and plot, and bad input refuse
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -109,3 +110,21 @@ def test_a_bad_reward_stops_the_run_before_its_folder_exists(tmp_path: Path) -> 
     assert "reward function text returned 'yes'" in done.stderr and "What are the parameters" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not run.exists()
+
+
+def test_grpo_debug_config_smoke(tmp_path: Path) -> None:
+    """launch_configs/grpo-debug.yaml end to end, cut to two steps: rows, evaluations, plot, checkpoint."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "launch_configs" / "grpo-debug.yaml"),
+           "run.init_from=null", f"run.out_dir={run}", "train.max_steps=2", "train.world_batch_size=4",
+           "rl.group_size=4", "rl.max_new_tokens=8", "rl.eval_max_prompts=4", "eval.interval=2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "held-out pass@1" in done.stdout and "reward by depth 1:" in done.stdout
+    got = rows(run)
+    assert [r["step"] for r in got if "reward" in r] == [1, 2]
+    assert [r["step"] for r in got if r.get("event") == "evaluation"] == [0, 2]
+    assert (run / "checkpoints" / "latest").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (run / "reward_by_depth.png").stat().st_size > 0
