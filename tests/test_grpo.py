@@ -128,3 +128,34 @@ def test_grpo_debug_config_smoke(tmp_path: Path) -> None:
     assert (run / "checkpoints" / "latest").is_file()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (run / "reward_by_depth.png").stat().st_size > 0
+
+
+LOGGING_REWARD = """
+import json, os
+
+def logged(prompt, completion, example):
+    with open(os.path.join(os.environ["GRPO_TEST_LOG"], f"rank{os.environ.get('RANK', '0')}.jsonl"), "a") as f:
+        f.write(json.dumps(example["qualname"]) + "\\n")
+    return float(len(completion) % 2)
+"""
+
+
+def test_two_ranks_each_hold_whole_groups_of_different_prompts(tiny_corpus, tmp_path: Path) -> None:
+    (tmp_path / "logging_rewards.py").write_text(LOGGING_REWARD)
+    log = tmp_path / "log"
+    log.mkdir()
+    run = tmp_path / "run"
+    args = grpo_args(run, tiny_corpus, "rl.reward=logging_rewards:logged", "train.max_steps=2", "eval.interval=0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train.py"), *args]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{tmp_path}", "OMP_NUM_THREADS": "1", "GRPO_TEST_LOG": str(log)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = {}
+    for rank in (0, 1):
+        names = [json.loads(line) for line in (log / f"rank{rank}.jsonl").read_text().splitlines()[1:]]  # not the probe
+        assert len(names) == 2 * 2 * 4  # 2 steps x 2 prompts per rank x group of 4
+        groups = [names[i : i + 4] for i in range(0, len(names), 4)]
+        assert all(len(set(g)) == 1 for g in groups)  # a group's completions stay together on one rank
+        seen[rank] = {g[0] for g in groups}
+    assert not seen[0] & seen[1]
+    assert [r["step"] for r in rows(run) if "reward" in r] == [1, 2]

@@ -92,7 +92,8 @@ class GrpoSetup:
         rl = settings.rl
         reference = reference_model(settings, trainer) if rl.kl_coef > 0 else None
         objective = GrpoObjective(rl, reference, self.reward_fn, self.tokenizer, self.rng, rl.depth_value)
-        evaluator = GrpoEvaluator(objective, self.held_out, settings, run_dir) if self.held_out.rows else None
+        evaluate = self.held_out.rows and settings.eval.interval > 0
+        evaluator = GrpoEvaluator(objective, self.held_out, settings, run_dir) if evaluate else None
         return objective.step, evaluator
 
 

@@ -2,9 +2,10 @@
 pass rate at each depth of `rl.eval_depths` (plus adaptive exit when `rl.eval_adaptive`): how reward depends
 on test-time depth. A completion passes when its reward is > 0.
 
-The held-out prompts are dealt over ranks (rank r takes prompts r, r + W, ...) and the counts summed, so the
-result does not depend on the world size. The initial-state noise is seeded per evaluation batch from the run
-seed inside a forked RNG, so evaluations compare like with like and training's random streams are untouched.
+The held-out prompts are dealt over ranks (rank r takes prompts r, r + W, ...) and the counts summed. The
+initial-state noise is seeded per evaluation batch from the run seed inside a forked RNG, so the evaluations of
+one run compare like with like and training's random streams are untouched (with `state_init: like-init` the
+figures of another world size differ by that noise).
 """
 
 from __future__ import annotations
