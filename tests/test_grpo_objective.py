@@ -97,7 +97,9 @@ def test_the_bundled_task_rewards_the_first_parameter_only() -> None:
     assert first_parameter_reward("", "`json.dumps(obj, *, skipkeys=False", example) == 1.0
     assert first_parameter_reward("", "`json.dumps(obj", example) == 1.0
     assert first_parameter_reward("", "`json.dumps(fp, obj", example) == 0.0  # format alone earns nothing
-    assert first_parameter_reward("", "`json.loads(obj", example) == 0.0  # another object
+    assert first_parameter_reward("", "`json.dumps(objects", example) == 0.0  # the name exactly
+    assert first_parameter_reward("", "`json.dumps(", example) == 0.0
     assert first_parameter_reward("", "json.dumps obj", example) == 0.0
-    assert first_parameter("`os.path.join(a, *p)`", "os.path.join") == "a"
-    assert first_parameter("`f(*args, **kw)`", "f") == "*args"
+    assert first_parameter("`os.path.join(a, *p)`") == "a"
+    assert first_parameter("`f(*args, **kw)`") == "*args"
+    assert first_parameter("`f(*, key)`") is None

@@ -29,7 +29,7 @@ from recpre.train_state import TrainState
 class ScoredRollout:
     rollout: Rollout
     advantages: Tensor  # [N]
-    old_log_probs: Tensor  # [N, L]
+    old_log_probs: Tensor | None  # [N, L]; None with one update per rollout (its own detached forward)
     ref_log_probs: Tensor | None  # [N, L]; None without a KL term
     noise_key: int
 
@@ -76,7 +76,8 @@ class GrpoObjective:
         key = trainer.noise_key(state.step, batch.index, i)
         adv = group_advantages(r.rewards, self.rl.group_size, scale_rewards=self.rl.scale_rewards)
         with torch.no_grad():
-            old = self.log_probs(trainer, model, r, key)
+            # One update: the update's own forward (detached) is the old policy, bit for bit; no extra forward.
+            old = self.log_probs(trainer, model, r, key) if self.rl.updates_per_rollout > 1 else None
             ref = self.log_probs(trainer, self.reference, r, key) if self.reference is not None else None
         return ScoredRollout(r, adv.to(trainer.fabric.device), old, ref, key)
 
@@ -88,8 +89,9 @@ class GrpoObjective:
             mask = s.rollout.mask.to(fabric.device)
             with fabric.no_sync(model, enabled=i < len(scored) - 1):
                 log_probs = self.log_probs(trainer, model, s.rollout, s.noise_key)
+                old = log_probs.detach() if s.old_log_probs is None else s.old_log_probs
                 terms = clipped_token_loss(
-                    log_probs, s.old_log_probs, s.advantages, clip_eps=self.rl.clip_eps,
+                    log_probs, old, s.advantages, clip_eps=self.rl.clip_eps,
                     ref_log_probs=s.ref_log_probs, kl_coef=self.rl.kl_coef,
                 )  # fmt: skip
                 loss = (terms.loss * mask).sum() / normalizer
