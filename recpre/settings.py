@@ -213,6 +213,7 @@ class RLSettings:
     depth_value: int | None = None  # fixed rollout depth; None = the mean of train.recurrence
     eval_depths: list[int] = field(default_factory=lambda: [1, 4, 8, 16])  # reward_by_depth at these depths
     eval_adaptive: bool = False  # also evaluate with adaptive exit (generation's AdaptiveDepth defaults)
+    eval_samples: int = 0  # > 0: also sampled_pass_at_1, the mean success of this many samples per prompt
 
 
 @dataclass
@@ -540,6 +541,7 @@ def _check_rl(s: Settings, where: Origins) -> None:
     _require(r.depth_value is None or r.depth_value >= 1, "rl.depth_value", where, f"must be >= 1, got {r.depth_value}")
     _require(bool(r.eval_depths) and all(d >= 1 for d in r.eval_depths), "rl.eval_depths", where,
              f"must be a non-empty list of depths >= 1, got {r.eval_depths}")  # fmt: skip
+    _require(r.eval_samples >= 0, "rl.eval_samples", where, f"must be >= 0 (0 = off), got {r.eval_samples}")
     _require(r.eval_max_prompts >= 1, "rl.eval_max_prompts", where, f"must be >= 1, got {r.eval_max_prompts}")
     builtin = ", ".join(BUILTIN_REWARDS)
     _require(":" in r.reward or r.reward in BUILTIN_REWARDS, "rl.reward", where,

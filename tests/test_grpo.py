@@ -117,14 +117,17 @@ def test_grpo_debug_config_smoke(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "launch_configs" / "grpo-debug.yaml"),
            "run.init_from=null", f"run.out_dir={run}", "train.max_steps=2", "train.world_batch_size=4",
-           "rl.group_size=4", "rl.max_new_tokens=8", "rl.eval_max_prompts=4", "eval.interval=2"]  # fmt: skip
+           "rl.group_size=4", "rl.max_new_tokens=8", "rl.eval_max_prompts=4", "eval.interval=2",
+           "rl.eval_samples=2"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "held-out pass@1" in done.stdout and "reward by depth 1:" in done.stdout
     got = rows(run)
     assert [r["step"] for r in got if "reward" in r] == [1, 2]
-    assert [r["step"] for r in got if r.get("event") == "evaluation"] == [0, 2]
+    evaluations = [r for r in got if r.get("event") == "evaluation"]
+    assert [r["step"] for r in evaluations] == [0, 2]
+    assert all(0 <= r["sampled_pass_at_1"] <= 1 for r in evaluations)
     assert (run / "checkpoints" / "latest").is_file()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (run / "reward_by_depth.png").stat().st_size > 0

@@ -150,8 +150,10 @@ class GrpoEvaluator:
             rollout_depth=depth, recurrent=recurrent,
         )  # fmt: skip
         monitor.event("evaluation", step=state.step, held_out=len(self.held_out.rows), **row)
+        sampled = row.get("sampled_pass_at_1")
         by_depth = " ".join(f"{k.rsplit('_', 1)[-1]}:{v:.3f}" for k, v in row.items() if k.startswith("reward_"))
         monitor.print(f"evaluation step {state.step} | held-out pass@1 {row['pass_at_1']:.3f}"
+                      + (f" | sampled {sampled:.3f}" if sampled is not None else "")
                       + (f" | reward by depth {by_depth}" if by_depth else ""))  # fmt: skip
         if trainer.fabric.is_main and self.settings.log.plot and (self.run_dir / "metrics.jsonl").is_file():
             rows = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r.get("event") == "evaluation"]

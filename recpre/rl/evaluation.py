@@ -36,6 +36,34 @@ class HeldOut:
 
 
 @torch.no_grad()
+def sampled_pass_rate(
+    model: Any, held_out: HeldOut, *, fabric: Any, rl: Any, tokenizer: Any, reward_fn: RewardFn, seed: int,
+    num_steps: int | None,
+) -> float:  # fmt: skip
+    """Mean success of `rl.eval_samples` completions per held-out prompt sampled as rollouts are (pass@1
+    estimated from n samples, as in the Codex paper), all ranks together; seeded per batch, like the greedy rate."""
+    mine = list(range(fabric.rank, len(held_out.rows), fabric.world_size))
+    n, counts = rl.eval_samples, torch.zeros(2, dtype=torch.float64)
+    with torch.random.fork_rng(devices=[]):
+        for start in range(0, len(mine), max(1, BATCH // n)):
+            picks = mine[start : start + max(1, BATCH // n)]
+            batch_seed = noise_seed(seed, EVAL_KEY, picks[0], n)
+            torch.manual_seed(batch_seed)
+            out = generate_with_info(
+                model, [held_out.ids[i] for i in picks for _ in range(n)], max_new_tokens=rl.max_new_tokens,
+                num_steps=num_steps, temperature=rl.temperature, top_p=rl.top_p, seed=batch_seed,
+                eos_id=tokenizer.eos_id, stop=list(rl.stop) or None, decode=tokenizer.decode,
+            )  # fmt: skip
+            for j, tokens in enumerate(out.new_tokens):
+                i = picks[j // n]
+                text = completion_text(tokens, tokenizer.eos_id, tokenizer.decode)
+                counts[0] += score(reward_fn, held_out.texts[i], text, held_out.rows[i]) > 0
+            counts[1] += len(picks) * n
+    counts = fabric.all_reduce(counts.to(fabric.device), op="sum").cpu()
+    return float(counts[0] / counts[1].clamp(min=1))
+
+
+@torch.no_grad()
 def pass_rate(
     model: Any, held_out: HeldOut, *, fabric: Any, rl: Any, tokenizer: Any, reward_fn: RewardFn, seed: int,
     num_steps: int | None, adaptive: AdaptiveDepth | None = None,
@@ -64,9 +92,12 @@ def evaluation_row(
     model: Any, held_out: HeldOut, *, fabric: Any, rl: Any, tokenizer: Any, reward_fn: RewardFn, seed: int,
     rollout_depth: int | None, recurrent: bool,
 ) -> dict[str, float]:  # fmt: skip
-    """{"pass_at_1": at the rollout depth, "reward_depth_<d>": per evaluation depth, "reward_adaptive"}."""
+    """{"pass_at_1": greedy, at the rollout depth; "sampled_pass_at_1" (rl.eval_samples > 0); "reward_depth_<d>"
+    per evaluation depth; "reward_adaptive"}."""
     kwargs = dict(fabric=fabric, rl=rl, tokenizer=tokenizer, reward_fn=reward_fn, seed=seed)
     row: dict[str, float] = {}
+    if rl.eval_samples:
+        row["sampled_pass_at_1"] = sampled_pass_rate(model, held_out, num_steps=rollout_depth, **kwargs)
     if recurrent:
         for d in sorted(set(rl.eval_depths) | {rollout_depth}):
             row[f"reward_depth_{d}"] = pass_rate(model, held_out, num_steps=d, **kwargs)
@@ -75,7 +106,7 @@ def evaluation_row(
             row["reward_adaptive"] = pass_rate(model, held_out, num_steps=max(rl.eval_depths), adaptive=adaptive,
                                                **kwargs)  # fmt: skip
         return {"pass_at_1": row[f"reward_depth_{rollout_depth}"], **row}
-    return {"pass_at_1": pass_rate(model, held_out, num_steps=None, **kwargs)}
+    return {"pass_at_1": pass_rate(model, held_out, num_steps=None, **kwargs), **row}
 
 
 def plot_reward_by_depth(rows: list[dict[str, Any]], out_path: Path) -> Path | None:
