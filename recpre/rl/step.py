@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from recpre.flops import training_flops_per_token
 from recpre.rl.objective import clipped_token_loss, group_advantages, token_log_probs
 from recpre.rl.prompts import PromptBatch
 from recpre.rl.rewards import RewardFn
@@ -127,11 +128,13 @@ class GrpoObjective:
         tokens = int(totals[3])
         state.record_step(tokens, finite=finite)
         first = updates[0]
+        depth = scored[0].rollout.depth if scored else None
+        # the updates' forward + backward passes (decoding and the no-grad forwards are not counted)
+        flops = len(updates) * training_flops_per_token(trainer.config, *(depth or (0, 0))) * totals[3]
         return {
             "memory": first["memory"], "loss": sum(u["loss"] for u in updates) / len(updates),
             "grad_norm": updates[-1]["grad_norm"], "accum": len(micro),
-            "depth": list(scored[0].rollout.depth) if scored and scored[0].rollout.depth else None,
-            "flops": 0.0, "step_tokens": tokens,
+            "depth": list(depth) if depth else None, "flops": float(flops), "step_tokens": tokens,
             "reward": float(totals[1] / totals[2]), "kl": first["kl"],
             "clip_fraction": sum(u["clip_fraction"] for u in updates) / len(updates),
             "ratio_deviation": first["ratio_dev"],  # mean |ratio - 1| of the first update: 0 by construction
