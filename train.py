@@ -44,6 +44,7 @@ from recpre.monitor import Monitor, Throughput, require_logging_extras
 from recpre.optim import build_optimizer
 from recpre.preemption import StopRequest, stop_code
 from recpre.recurrence import RecurrencePolicy
+from recpre.rl.driver import prepare_grpo
 from recpre.schedules import BatchPlan, learning_rate, set_learning_rate
 from recpre.settings import (
     load_settings,
@@ -281,6 +282,8 @@ class Run:
     monitor: Monitor
     started: float
     last_saved: int = -1
+    step_fn: Any = train_step  # the objective's step: train_step, or GRPO's (recpre/rl/step.py)
+    evaluator: Any = None  # an objective's own evaluation instead of the validation loss (GRPO: pass@1)
 
     def learning_rate(self) -> float:
         sch = self.settings.schedule
@@ -295,6 +298,9 @@ class Run:
         )
 
     def validate(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator(self.trainer, self.state, self.monitor)
+            return
         if not self.val_batches:
             return
         row = validate(
@@ -324,8 +330,13 @@ def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | Non
     all of it is valid, so bad input leaves nothing behind."""
     t_start, seed, run_dir = time.perf_counter(), settings.run.seed, Path(settings.run.out_dir)
     config = model_config(settings)
-    data = prepare_data(settings, config, fabric)
-    loader, val_batches, inputs = data_stream(settings, config, fabric, data)
+    grpo = prepare_grpo(settings, config, fabric) if settings.train.objective == "grpo" else None
+    if grpo is not None:  # prompts instead of packed rows (recpre/rl/driver.py)
+        loader, val_batches, inputs, source = grpo.loader, [], {}, grpo.source
+    else:
+        data = prepare_data(settings, config, fabric)
+        loader, val_batches, inputs = data_stream(settings, config, fabric, data)
+        source = data.source
 
     fabric.seed_everything(seed)  # weights are identical on every rank (the fabric also broadcasts them)
     model = build_model(config, device="meta" if fabric.builds_on_meta else "cpu")
@@ -346,8 +357,8 @@ def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | Non
     parts = RunState(
         fabric, backend, model, optimizer, config.to_dict(), settings_to_yaml(settings), run_dir / CHECKPOINTS_DIR,
         settings.checkpoint.keep, shared={"optim": OptimizerIdentity(settings.optim), "progress": state},
-        per_rank={"loader": loader, "rng": RngState(fabric.device)}, async_save=settings.checkpoint.async_,
-        adapters=adapters,
+        per_rank={"loader": loader, "rng": RngState(fabric.device), **(grpo.parts if grpo else {})},
+        async_save=settings.checkpoint.async_, adapters=adapters,
     )  # fmt: skip
     fabric.seed_everything(seed, per_rank=True)
     if ckpt is not None and not parts.restore(ckpt):
@@ -374,10 +385,12 @@ def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | Non
                       grad_clip=tr.grad_clip or float("inf"), input_kwargs=inputs,
                       nan_steps=debug_nan_steps())  # fmt: skip
     run = Run(settings, fabric, config, trainer, state, parts, loader, val_batches, plan, total_steps, monitor, t_start)
+    if grpo is not None:
+        run.step_fn, run.evaluator = grpo.attach(trainer, settings, run_dir)
     run.last_saved = state.step if ckpt is not None else -1
     monitor.print(
         f"run {settings.run.name} -> {run_dir} | model {config.name} {config.num_params() / 1e6:.2f}M params | "
-        f"{fabric.world_size} x {device_peak(fabric.device)[0]} ({fabric.precision}) | data: {data.source} | "
+        f"{fabric.world_size} x {device_peak(fabric.device)[0]} ({fabric.precision}) | data: {source} | "
         f"{total_steps} steps x {plan.world_batch_size} seqs x {config.block_size} tokens"
         + (f" | resumed from {ckpt.name}" if ckpt is not None else "")
         + f" | setup {time.perf_counter() - t_start:.1f}s"
@@ -403,7 +416,7 @@ def train(settings: Any, fabric: SimpleFabric, stop: StopRequest, sweep_depths: 
         lr = run.learning_rate()
         set_learning_rate(run.trainer.optimizer, lr, settings.optim.lr)
         throughput.start()
-        metrics = train_step(run.trainer, state, [next(batches) for _ in range(accum)])
+        metrics = run.step_fn(run.trainer, state, [next(batches) for _ in range(accum)])
         throughput.stop(metrics["step_tokens"])
         log_step(run, metrics, lr, throughput)
         check_health(run, metrics["loss"], metrics["grad_norm"])

@@ -30,6 +30,7 @@ from recpre.config import FUSED_HEADS, ModelConfig
 from recpre.errors import UserError
 from recpre.lora_targets import check_targets
 from recpre.recurrence import CURRICULA, SAMPLING_SCHEMES, STATE_NOISE
+from recpre.rl.rewards import BUILTIN_REWARDS
 from recpre.settings_sources import (
     Origins,
     check_env,
@@ -158,6 +159,7 @@ class TrainSettings:
     loss_spike_patience: int = 20  # ... for this many steps in a row
     recurrence: RecurrenceSettings = field(default_factory=RecurrenceSettings)  # depths trained at
     loss_on: str = "assistant"  # chat data: assistant (only assistant turns are targets) | all
+    objective: str = "pretrain"  # pretrain (next-token loss; SFT with data.format chat) | grpo (the rl section)
 
 
 @dataclass
@@ -208,6 +210,30 @@ class CheckpointSettings:
 
 
 @dataclass
+class RLSettings:
+    """train.objective grpo (recpre/rl/, docs/grpo.md); batch sizes count prompts, each sampled group_size times."""
+
+    prompts: str | None = None  # JSONL rows with `prompt` or `messages` (+ fields the reward reads); None = bundled
+    eval_prompts: str | None = None  # held-out JSONL for pass@1; None = the bundled task's held-out prompts
+    eval_max_prompts: int = 64  # held-out prompts per evaluation (the first N)
+    group_size: int = 8  # completions sampled per prompt
+    max_new_tokens: int = 32  # completion length limit
+    stop: list[str] = field(default_factory=list)  # a completion also ends once its text contains one of these
+    temperature: float = 1.0  # sampling temperature of rollouts (log-probabilities use the same)
+    top_p: float = 1.0  # nucleus sampling of rollouts
+    kl_coef: float = 0.04  # weight of the k3 KL to the frozen initial weights; 0 = no reference model
+    clip_eps: float = 0.2  # PPO clip range of the ratio to the rollout policy
+    updates_per_rollout: int = 1  # optimizer steps over each rollout (ratios move from 1 after the first)
+    scale_rewards: bool = True  # divide advantages by the group's reward std (false = Dr. GRPO)
+    reward: str = "first-parameter"  # a built-in reward or `module:function` (prompt, completion, example) -> float
+    depth: str = "fixed"  # recurrent models: fixed (depth_value) | sampled (as train.recurrence samples)
+    depth_value: int | None = None  # fixed rollout depth; None = the mean of train.recurrence
+    eval_depths: list[int] = field(default_factory=lambda: [1, 4, 8, 16])  # reward_by_depth at these depths
+    eval_adaptive: bool = False  # also evaluate with adaptive exit (generation's AdaptiveDepth defaults)
+    eval_samples: int = 0  # > 0: also sampled_pass_at_1, the mean success of this many samples per prompt
+
+
+@dataclass
 class Settings:
     run: RunSettings = field(default_factory=RunSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -219,6 +245,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    rl: RLSettings = field(default_factory=RLSettings)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -387,6 +414,7 @@ def _validate(s: Settings, where: Origins) -> None:
     _check_schedule(s, where)
     _check_fabric(s, where)
     _check_lora(s, where)
+    _check_rl(s, where)
 
     _require(s.log.interval >= 1, "log.interval", where, f"must be >= 1, got {s.log.interval}")
     e = s.eval
@@ -551,6 +579,46 @@ def _check_recurrence(r: RecurrenceSettings, where: Origins) -> None:
             where,
             f"or start_backprop_depth must be set: the {c.name} curriculum ramps from them to the targets",
         )
+
+
+RL_DEPTHS = ("fixed", "sampled")
+
+
+def _check_rl(s: Settings, where: Origins) -> None:
+    """train.objective and the rl section (checked whatever the objective, so a typo never waits for a run)."""
+    _one_of(s.train.objective, ("pretrain", "grpo"), "train.objective", where)
+    r = s.rl
+    if r.depth == "adaptive":
+        raise UserError(
+            f"rl.depth in {where('rl.depth')} is 'adaptive', which is for evaluation only (the update must "
+            "recompute each token at the depth it was sampled at); use fixed or sampled and set rl.eval_adaptive"
+        )
+    _one_of(r.depth, RL_DEPTHS, "rl.depth", where)
+    _require(
+        r.group_size >= 2, "rl.group_size", where, f"must be >= 2 (advantages compare a group), got {r.group_size}"
+    )
+    _require(r.max_new_tokens >= 1, "rl.max_new_tokens", where, f"must be >= 1, got {r.max_new_tokens}")
+    _require(r.temperature > 0, "rl.temperature", where, f"must be > 0 (rollouts are sampled), got {r.temperature}")
+    _require(0 < r.top_p <= 1, "rl.top_p", where, f"must be in (0, 1], got {r.top_p}")
+    _require(r.kl_coef >= 0, "rl.kl_coef", where, f"must be >= 0, got {r.kl_coef}")
+    _require(0 < r.clip_eps < 1, "rl.clip_eps", where, f"must be in (0, 1), got {r.clip_eps}")
+    _require(r.updates_per_rollout >= 1, "rl.updates_per_rollout", where, f"must be >= 1, got {r.updates_per_rollout}")
+    _require(r.depth_value is None or r.depth_value >= 1, "rl.depth_value", where, f"must be >= 1, got {r.depth_value}")
+    _require(bool(r.eval_depths) and all(d >= 1 for d in r.eval_depths), "rl.eval_depths", where,
+             f"must be a non-empty list of depths >= 1, got {r.eval_depths}")  # fmt: skip
+    _require(r.eval_samples >= 0, "rl.eval_samples", where, f"must be >= 0 (0 = off), got {r.eval_samples}")
+    _require(r.eval_max_prompts >= 1, "rl.eval_max_prompts", where, f"must be >= 1, got {r.eval_max_prompts}")
+    builtin = ", ".join(BUILTIN_REWARDS)
+    _require(":" in r.reward or r.reward in BUILTIN_REWARDS, "rl.reward", where,
+             f"is {r.reward!r}: name a built-in ({builtin}) or 'module:function'")  # fmt: skip
+    if s.train.objective == "grpo" and s.train.loss_spike_factor is not None:
+        if where.layer("train.loss_spike_factor") >= 0:  # set in a file or override, not the default
+            where.notes.append("note: train.loss_spike_factor does not apply to train.objective grpo (its loss "
+                               "is centred near 0); the loss guard is off")  # fmt: skip
+        s.train.loss_spike_factor = None
+    if s.train.objective == "grpo":
+        _require(s.train.max_tokens is None, "train.max_tokens", where,
+                 "does not apply to train.objective grpo (completion lengths vary); set train.max_steps")  # fmt: skip
 
 
 def _check_fabric(s: Settings, where: Origins) -> None:
