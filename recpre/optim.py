@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from recpre.errors import UserError
-from recpre.settings import OPTIMIZERS as NAMES
-from recpre.settings import OptimSettings
+from recpre.settings_schema import OPTIMIZERS as NAMES
+from recpre.settings_schema import OptimSettings
 from recpre.unwrap import plain_parameter_name
 
 # parameter names (last component of the owning module) that are the LM head / embeddings, not hidden matrices
