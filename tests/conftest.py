@@ -6,9 +6,11 @@ second `pytest` run reuses the corpus; set RECPRE_TEST_CACHE to move it). Tests 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -66,6 +68,26 @@ def sft_run(tmp_path_factory, tiny_corpus, train_module):
     args += ["data.document_mask=true", f"data.cache_dir={root / 'cache'}", "train.max_steps=4", "eval.interval=0"]
     assert train_module.main(args) == 0
     return root / "run"
+
+
+@contextlib.contextmanager
+def signal_after_step(step: int):
+    """A real SIGUSR2 (what SLURM sends before a time limit) right after training step `step` is logged: the
+    driver saves at the step boundary and stops, as a preempted job does."""
+    from recpre.monitor import Monitor
+
+    original = Monitor.train
+
+    def train_then_signal(self, row, **kw):
+        original(self, row, **kw)
+        if row["step"] == step:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    Monitor.train = train_then_signal
+    try:
+        yield
+    finally:
+        Monitor.train = original
 
 
 def tiny_run_args(run_dir: Path, corpus, *extra: str) -> list[str]:

@@ -3,21 +3,19 @@ init_from across runtime choices, and a depth curriculum that resumes exactly.""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_args
+from conftest import signal_after_step, tiny_run_args
 
 from recpre.checkpoint import load_state
 from recpre.config import ModelConfig
 from recpre.fabric import SimpleFabric
 from recpre.guardrails import LossSpikeGuard
 from recpre.model import build_model
-from recpre.monitor import Monitor, read_metrics
+from recpre.monitor import read_metrics
 from recpre.optim import build_optimizer
 from recpre.recurrence import RecurrencePolicy
 from recpre.settings import load_settings
@@ -144,16 +142,8 @@ def test_a_run_interrupted_mid_curriculum_resumes_to_the_same_losses(train_modul
     ]
     ref, split = tmp_path / "ref", tmp_path / "split"
     assert train_module.main(tiny_run_args(ref, tiny_corpus, *curriculum)) == 0
-    original = Monitor.train
-
-    def signal_at_step_3(self, row, **kw):  # a real SIGUSR2: the driver saves at the step boundary and stops
-        original(self, row, **kw)
-        if row["step"] == 3:
-            os.kill(os.getpid(), signal.SIGUSR2)
-
-    monkeypatch.setattr(Monitor, "train", signal_at_step_3)
-    assert train_module.main(tiny_run_args(split, tiny_corpus, *curriculum)) == 0
-    monkeypatch.setattr(Monitor, "train", original)
+    with signal_after_step(3):
+        assert train_module.main(tiny_run_args(split, tiny_corpus, *curriculum)) == 0
     assert sorted(losses(split)) == [1, 2, 3]
     assert train_module.main(tiny_run_args(split, tiny_corpus, *curriculum)) == 0
     assert losses(split) == losses(ref)
@@ -171,17 +161,9 @@ def test_the_summary_reports_the_whole_runs_validation_after_a_stop_and_a_resume
     run = tmp_path / "run"
     args = tiny_run_args(run, tiny_corpus, "train.max_steps=6", "eval.interval=2", "checkpoint.interval=0")
     args.append("log.progress=lines")
-    original = Monitor.train
-
-    def signal_at_step_3(self, row, **kw):
-        original(self, row, **kw)
-        if row["step"] == 3:
-            os.kill(os.getpid(), signal.SIGUSR2)
-
-    monkeypatch.setattr(Monitor, "train", signal_at_step_3)
-    capsys.readouterr()
-    assert train_module.main(args) == 0
-    monkeypatch.setattr(Monitor, "train", original)
+    with signal_after_step(3):
+        capsys.readouterr()
+        assert train_module.main(args) == 0
     vals = {r["step"]: r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r}
     assert sorted(vals) == [0, 2]
     stopped = read_metrics(run / "metrics.jsonl")

@@ -5,12 +5,11 @@ LoRA SFT config."""
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_args
+from conftest import signal_after_step, tiny_run_args
 from safetensors.torch import load_file
 
 from recpre.checkpoint import MODEL_FILE, find_latest, load_model, load_state, read_model_config
@@ -18,7 +17,7 @@ from recpre.config import ModelConfig
 from recpre.errors import UserError
 from recpre.lora import apply_lora, load_adapters
 from recpre.model import build_model
-from recpre.monitor import Monitor, read_metrics
+from recpre.monitor import read_metrics
 from recpre.settings import load_settings
 
 SHORT = ["checkpoint.interval=0", "eval.interval=0", "schedule.warmup_steps=0", "schedule.cooldown_steps=0"]
@@ -57,16 +56,8 @@ def test_lora_resume_is_exact_and_checkpoints_hold_small_adapters(
     assert train_module.main(lora_args(ref, tiny_corpus, bases[0], *extra)) == 0
     out = capsys.readouterr().out
     assert "trainable " in out and "checkpoints hold the adapters only" in out
-    original = Monitor.train
-
-    def signal_at_step_3(self, row, **kw):
-        original(self, row, **kw)
-        if row["step"] == 3:
-            os.kill(os.getpid(), signal.SIGUSR2)
-
-    monkeypatch.setattr(Monitor, "train", signal_at_step_3)
-    assert train_module.main(lora_args(stopped, tiny_corpus, bases[0], *extra)) == 0
-    monkeypatch.setattr(Monitor, "train", original)
+    with signal_after_step(3):
+        assert train_module.main(lora_args(stopped, tiny_corpus, bases[0], *extra)) == 0
     assert find_latest(stopped / "checkpoints").name == "step-00000003"
     assert train_module.main(lora_args(stopped, tiny_corpus, bases[0], *extra)) == 0
     assert losses(stopped) == losses(ref) and sorted(losses(ref)) == list(range(1, 9))

@@ -5,17 +5,13 @@ takes) resumes to the losses of an uninterrupted one."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import CHAT_BLOCK, REPO, tiny_run_args
+from conftest import CHAT_BLOCK, REPO, signal_after_step, tiny_run_args
 from test_world_size_invariance import free_port
-
-from recpre.monitor import Monitor
 
 pytestmark = pytest.mark.slow
 
@@ -80,16 +76,8 @@ def test_chat_fine_tuning_stopped_by_a_signal_resumes_to_the_same_losses(
     data = conversations(tmp_path / "chat.jsonl")
     ref, split = tmp_path / "ref", tmp_path / "split"
     assert train_module.main(sft_args(ref, tiny_corpus, data)) == 0
-    original = Monitor.train
-
-    def signal_at_step_2(self, row, **kw):  # SIGUSR2, as SLURM sends before a time limit: save and stop
-        original(self, row, **kw)
-        if row["step"] == 2:
-            os.kill(os.getpid(), signal.SIGUSR2)
-
-    monkeypatch.setattr(Monitor, "train", signal_at_step_2)
-    assert train_module.main(sft_args(split, tiny_corpus, data)) == 0
-    monkeypatch.setattr(Monitor, "train", original)
+    with signal_after_step(2):
+        assert train_module.main(sft_args(split, tiny_corpus, data)) == 0
     assert sorted(losses(split)) == [1, 2]
     assert train_module.main(sft_args(split, tiny_corpus, data)) == 0
     assert losses(split) == losses(ref)

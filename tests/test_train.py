@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_run_args
+from conftest import REPO, signal_after_step, tiny_run_args
 
 from recpre.checkpoint import list_checkpoints, load_model
 from recpre.errors import UserError
@@ -78,16 +76,8 @@ def test_a_signal_saves_at_the_step_boundary_and_resume_continues_exactly(
     ref, stopped = tmp_path / "ref", tmp_path / "stopped"
     extra = ["checkpoint.interval=0", "eval.interval=0"]
     assert train_module.main(tiny_run_args(ref, tiny_corpus, *extra)) == 0
-    original = Monitor.train
-
-    def signal_at_step_3(self, row, **kw):
-        original(self, row, **kw)
-        if row["step"] == 3:
-            os.kill(os.getpid(), signal.SIGUSR2)
-
-    monkeypatch.setattr(Monitor, "train", signal_at_step_3)
-    assert train_module.main(tiny_run_args(stopped, tiny_corpus, *extra)) == 0
-    monkeypatch.setattr(Monitor, "train", original)
+    with signal_after_step(3):
+        assert train_module.main(tiny_run_args(stopped, tiny_corpus, *extra)) == 0
     assert [p.name for p in list_checkpoints(stopped / "checkpoints")] == ["step-00000003"]
     assert events(stopped, "stopped")[0]["reason"] == "SIGUSR2" and not events(stopped, "finished")
     assert train_module.main(tiny_run_args(stopped, tiny_corpus, *extra)) == 0
