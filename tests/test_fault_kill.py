@@ -9,6 +9,7 @@ the uninterrupted run's loss rows and final weights bit for bit (CPU, fp32).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import runpy
@@ -145,13 +146,12 @@ PHASES = {
 }
 
 
-@pytest.mark.parametrize("phase", list(PHASES))
-def test_kill_inside_a_checkpoint_write_never_yields_a_partial_latest(
-    phase, train_module, tiny_corpus, reference, tmp_path, capsys
-):
-    run = tmp_path / "run"
+@contextlib.contextmanager
+def paused_run(phase: str, run: Path, corpus, *extra: str):
+    """A child training run paused inside the write of checkpoint 6 at `phase` (it prints PAUSED); SIGKILL when
+    the block ends."""
     proc = subprocess.Popen(
-        [sys.executable, str(HERE), phase, "6", *args_for(run, tiny_corpus)],
+        [sys.executable, str(HERE), phase, "6", *args_for(run, corpus), *extra],
         cwd=REPO,
         env=child_env(),
         stdout=subprocess.PIPE,
@@ -165,12 +165,22 @@ def test_kill_inside_a_checkpoint_write_never_yields_a_partial_latest(
             if line.startswith("PAUSED"):
                 break
         assert seen and seen[-1].startswith("PAUSED"), "".join(seen) + proc.stderr.read()[-3000:]
+        yield proc
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait(timeout=60)
         proc.stdout.close()
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_kill_inside_a_checkpoint_write_never_yields_a_partial_latest(
+    phase, train_module, tiny_corpus, reference, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    with paused_run(phase, run, tiny_corpus) as proc:
+        pass  # killed as it stands, inside the write
     assert proc.returncode == -signal.SIGKILL
 
     root = run / "checkpoints"
@@ -197,31 +207,11 @@ def test_kill_during_an_async_save_leaves_the_previous_checkpoint_as_latest(
     (step 7 is logged); SIGKILL then leaves step 4 as `latest`, and the run resumes from it to the same end."""
     run = tmp_path / "run"
     asynchronous = ["checkpoint.async=true"]
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE), "files", "6", *args_for(run, tiny_corpus), *asynchronous],
-        cwd=REPO,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith("PAUSED"):
-                break
-        assert seen and seen[-1].startswith("PAUSED"), "".join(seen) + proc.stderr.read()[-3000:]
+    with paused_run("files", run, tiny_corpus, *asynchronous) as proc:
         deadline = time.monotonic() + 60
         while max(loss_rows(run), default=0) < 7 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
         trained_on = max(loss_rows(run), default=0)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
-        proc.stdout.close()
-        proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert trained_on >= 7, "training must go on while the checkpoint of step 6 is written"
 
