@@ -632,6 +632,12 @@ def _weights_source(source: str | Path, config: dict[str, Any] | None) -> tuple[
     return folder / MODEL_FILE, False
 
 
+def weights_path(source: str | Path) -> Path:
+    """The file open_weights and load_weights read `source` from (a sharded checkpoint: its DCP metadata)."""
+    file, sharded = _weights_source(source, None)
+    return file / DCP_METADATA if sharded else file
+
+
 def open_weights(source: str | Path, *, config: dict[str, Any] | None = None) -> tuple[Path, Any]:
     """(file, mapping name -> full tensor) for load_weights' sources, for models that take their weights one
     tensor at a time (sharded): the safetensors file is read lazily. recpre.weights adds other formats."""

@@ -424,9 +424,12 @@ class SimpleFabric:
             state["optimizer"] = optimizer.state_dict()
         return state
 
-    def load_full_state_dict(self, model: nn.Module, optimizer: Any, state: Mapping[str, Any], source: str) -> None:
+    def load_full_state_dict(
+        self, model: nn.Module, optimizer: Any, state: Mapping[str, Any], source: str, strict: bool = True
+    ) -> None:
         """Load full_state_dict's format: each rank keeps its shards. "model" (a mapping of full tensors, which may
-        read lazily) and "optimizer" may each be absent or None; hyperparameters stay this run's."""
+        read lazily) and "optimizer" may each be absent or None; hyperparameters stay this run's. With `strict`
+        False, parameters the mapping lacks keep their values (a name the model lacks is still refused)."""
         from recpre.optim import load_optimizer_state
 
         inner = self.unwrap(model)
@@ -436,11 +439,13 @@ class SimpleFabric:
                 from recpre.sharding import load_model_state
 
                 try:
-                    load_model_state(inner, weights)
+                    load_model_state(inner, weights, strict=strict)
                 except KeyError as err:
                     raise UserError(f"weights in {source} do not fit this model ({err.args[0]})") from None
             else:
-                inner.load_state_dict(weights, strict=True)
+                unexpected = inner.load_state_dict(weights, strict=strict).unexpected_keys
+                if unexpected:
+                    raise UserError(f"weights in {source} do not fit this model (unexpected {unexpected[:5]})")
         if optimizer is None or saved is None:
             return
         if self.strategy in SHARDED:

@@ -10,6 +10,7 @@ and so run again, with the same step, when activation checkpointing recomputes a
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 
 from recpre.errors import UserError, missing_extra
 from recpre.lora_targets import core_stage_prefix, resolve_targets
-from recpre.unwrap import plain_parameter_name, unwrap_model
+from recpre.unwrap import is_adapter_key, plain_parameter_name, unwrap_model
 
 SHARED = "default"  # the adapter every stage uses (peft's default name)
 
@@ -30,10 +31,6 @@ def _peft() -> Any:
     except ImportError:
         raise missing_extra("peft", "lora", "model.lora (LoRA)") from None
     return peft
-
-
-def is_adapter_key(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
 
 
 def iteration_adapters(per_iteration: int) -> list[str]:
@@ -51,10 +48,27 @@ def lora_layers(module: nn.Module) -> list[Any]:
     return [m for m in module.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
 
 
-def apply_lora(model: nn.Module, lora: Any, *, device: torch.device | str = "cpu") -> None:
+def init_adapter(name: str, tensor: torch.Tensor, seed: int) -> None:
+    """Fill adapter `name` as peft's default init does (`lora_A` Kaiming-uniform with a = sqrt(5), `lora_B`
+    zeros: the model's function is unchanged until training moves them), drawn from a generator of its own keyed
+    by (seed, name): the same values on every rank, in any order, built on the meta device or not."""
+    if ".lora_B." in name:
+        nn.init.zeros_(tensor)
+        return
+    key = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+    full = torch.empty(tensor.shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=torch.Generator().manual_seed(key))
+    with torch.no_grad():
+        tensor.copy_(full)
+
+
+def apply_lora(model: nn.Module, lora: Any, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
     """Freeze `model` and inject the adapters `lora` (settings.model.lora) names, in place; only adapter
-    parameters require gradients afterwards. Adapters start as peft draws them (B = 0: the model's function is
-    unchanged until training moves them)."""
+    parameters require gradients afterwards. Adapters start as `init_adapter(name, tensor, seed)` draws them.
+
+    peft's own draws are discarded (they run inside `fork_rng`), so torch's RNG stream stays the base's: a
+    meta-device build (fsdp, hsdp) then initialises the base shard by shard with the unsharded build's values,
+    and adapters through the model's `init_parameter`, which learns their names here."""
     peft = _peft()
     if lora.quantize is not None:
         quantize_base(model, lora, device)
@@ -77,15 +91,35 @@ def apply_lora(model: nn.Module, lora: Any, *, device: torch.device | str = "cpu
         config = peft.LoraConfig(
             r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules, bias="none"
         )
-        with warnings.catch_warnings():  # "Already found a peft_config": several adapters are meant here
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore", UserWarning)  # "Already found a peft_config": several adapters meant
             peft.inject_adapter_in_model(config, plain, adapter_name=name)
     for name, p in plain.named_parameters():
         p.requires_grad_(is_adapter_key(name))
+        if is_adapter_key(name) and not p.is_meta:
+            init_adapter(name, p.data, seed)
+    _init_adapters_too(plain, seed)
     for layer in lora_layers(plain):  # each layer's own adapter active, without touching requires_grad
         layer._active_adapter = next(iter(layer.lora_A.keys()))
     if lora.per_iteration > 1:
         _select_per_iteration(plain, lora.per_iteration)
+
+
+def _init_adapters_too(model: nn.Module, seed: int) -> None:
+    """The model's `init_parameter` (what a sharding fabric calls for every parameter of a meta-device build)
+    extended, on this instance, to the adapters, which the model knows nothing of."""
+    base_init = getattr(model, "init_parameter", None)
+    if base_init is None or getattr(base_init, "adapters_too", False):
+        return
+
+    def init_parameter(name: str, tensor: torch.Tensor) -> None:
+        if is_adapter_key(name):
+            init_adapter(name, tensor, seed)
+        else:
+            base_init(name, tensor)
+
+    init_parameter.adapters_too = True  # type: ignore[attr-defined]
+    model.init_parameter = init_parameter  # type: ignore[method-assign]
 
 
 def _select_per_iteration(model: nn.Module, per_iteration: int) -> None:
@@ -138,13 +172,17 @@ def trainable_line(model: nn.Module) -> str:
 
 def base_hash(model: nn.Module) -> str:
     """sha256 of the base weights (names without peft's `.base_layer`, adapters left out), in name order: what a
-    LoRA checkpoint's adapters were trained on top of."""
+    LoRA checkpoint's adapters were trained on top of. A sharded model's weights are gathered one at a time (every
+    rank calls this, in the same order), so it equals the unsharded model's hash."""
     digest = hashlib.sha256()
     state = unwrap_model(model).state_dict()
     for name in sorted(state, key=plain_parameter_name):
         if is_adapter_key(name):
             continue
-        tensor = state[name].detach().cpu().contiguous()
+        tensor = state[name]
+        if hasattr(tensor, "full_tensor"):  # a sharded (DTensor) weight, gathered alone: collective
+            tensor = tensor.full_tensor()
+        tensor = tensor.detach().cpu().contiguous()
         digest.update(plain_parameter_name(name).encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -176,6 +214,8 @@ class LoraAdapters:
     base's identity (where it came from and the hash of its weights), which a resume checks before it loads."""
 
     def __init__(self, model: nn.Module, lora: Any, base: dict[str, Any]) -> None:
+        """`base["sha256"]` None: hashed on first use (a sharded run's base is final only after setup_model and
+        run.init_from are through; then every rank gathers it, as every rank saves and restores)."""
         self.model, self.source = model, "?"
         self.value = {
             "settings": {
@@ -187,12 +227,17 @@ class LoraAdapters:
             "base": dict(base),
         }
 
+    def _base(self) -> dict[str, Any]:
+        if self.value["base"]["sha256"] is None:
+            self.value["base"]["sha256"] = base_hash(self.model)
+        return self.value["base"]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"settings": dict(self.value["settings"]), "base": dict(self.value["base"])}
+        return {"settings": dict(self.value["settings"]), "base": dict(self._base())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse adapters trained on another base, or of another layout."""
-        saved, now = state["base"], self.value["base"]
+        saved, now = state["base"], self._base()
         if saved["sha256"] != now["sha256"]:
             raise UserError(
                 f"checkpoint {self.source} holds LoRA adapters trained on the base {saved.get('init_from')} "
@@ -206,11 +251,11 @@ class LoraAdapters:
             )
 
     def select(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The adapter tensors of a full state dict: what the checkpoint's weights file holds."""
+        """The adapter tensors of a full state dict: what the checkpoint's weights hold."""
         return {k: v for k, v in weights.items() if is_adapter_key(k)}
 
-    def restore(self, ckpt: Path, state: dict[str, Any], weights_file: Path) -> None:
-        """Check the checkpoint's base identity, then load its adapter tensors into this run's model."""
+    def check(self, ckpt: Path, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint of a full model, of adapters trained on another base, or of another layout."""
         if "lora" not in state:
             raise UserError(
                 f"checkpoint {ckpt} holds a full model, not LoRA adapters; start a LoRA run from it with "
@@ -218,32 +263,53 @@ class LoraAdapters:
             )
         self.source = str(ckpt)
         self.load_state_dict(state["lora"])
-        load_adapters(self.model, weights_file)
+
+    def read(self, ckpt: Path, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The adapter tensors of `ckpt` (or `weights`, its weights already read), refused unless they are exactly
+        this model's adapters."""
+        return fitting_adapters(self.model, weights if weights is not None else read_adapters(ckpt), ckpt)
 
 
-def load_adapters(model: nn.Module, file: Path) -> None:
-    """Adapter tensors from a safetensors file into a model that has the same adapters (strict on them)."""
+def read_adapters(source: Path) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a LoRA checkpoint folder (its safetensors file, or a sharded run's DCP shards, in
+    this process alone) or of a safetensors file."""
     from safetensors.torch import load_file
 
-    saved = load_file(str(file))
-    plain = unwrap_model(model)
-    expected = set(adapter_state(plain))
+    from recpre.checkpoint import MODEL_FILE
+    from recpre.sharded_checkpoint import is_sharded_checkpoint, model_weights
+
+    source = Path(source)
+    if source.is_dir():
+        if is_sharded_checkpoint(source):
+            return model_weights(source)
+        source = source / MODEL_FILE
+    return load_file(str(source))
+
+
+def fitting_adapters(model: nn.Module, saved: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    expected = {name for name, _ in unwrap_model(model).named_parameters() if is_adapter_key(name)}
     if set(saved) != expected:
         missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
         raise UserError(
-            f"adapters in {file} do not fit this model's LoRA layers (missing {missing[:3]}, extra {extra[:3]})"
+            f"adapters in {source} do not fit this model's LoRA layers (missing {missing[:3]}, extra {extra[:3]})"
         )
-    plain.load_state_dict(saved, strict=False)
+    return saved
 
 
-def base_identity(model: nn.Module, init_from: str | None, loaded: Path | None, seed: int) -> dict[str, Any]:
+def load_adapters(model: nn.Module, source: Path) -> None:
+    """Adapter tensors (read_adapters' sources) into an unsharded model that has the same adapters."""
+    saved = read_adapters(source)
+    unwrap_model(model).load_state_dict(fitting_adapters(model, saved, source), strict=False)
+
+
+def base_identity(model: nn.Module | None, init_from: str | None, loaded: Path | None, seed: int) -> dict[str, Any]:
     """Where the base came from (run.init_from and the file it resolved to, or a fresh init from `seed`) and the
-    hash of its weights; taken before the adapters are injected."""
+    hash of its weights (None without a model); taken before the adapters are injected."""
     return {
         "init_from": init_from,
         "checkpoint": str(loaded) if loaded is not None else None,
         "seed": seed,
-        "sha256": base_hash(model),
+        "sha256": base_hash(model) if model is not None else None,
     }
 
 
@@ -253,8 +319,15 @@ def attach_lora(model: nn.Module, settings: Any, fabric: Any, loaded: Path | Non
     lora = settings.model.lora
     if lora.rank == 0:
         return None
-    identity = base_identity(model, settings.run.init_from, loaded, settings.run.seed)
-    apply_lora(model, lora, device=fabric.device)
+    init_from, seed = settings.run.init_from, settings.run.seed
+    if fabric.builds_on_meta:  # sharded: the base is drawn and loaded after this; hashed on first use
+        from recpre.weights import initial_weights_path
+
+        loaded = initial_weights_path(init_from) if init_from else None
+        identity = {**base_identity(None, init_from, loaded, seed), "sha256": None}
+    else:
+        identity = base_identity(model, init_from, loaded, seed)
+    apply_lora(model, lora, device=fabric.device, seed=seed)
     adapters = adapter_state(model)
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapters.values())
     full_bytes = sum(t.numel() * t.element_size() for t in unwrap_model(model).state_dict().values()) - adapter_bytes
@@ -273,7 +346,6 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, *, base: str | Pat
     recorded run.init_from (a moved base); its weights must hash as recorded either way."""
     from recpre.checkpoint import (
         CHECKPOINTS_DIR,
-        MODEL_FILE,
         SETTINGS_FILE,
         load_state,
         read_model_config,
@@ -313,7 +385,7 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, *, base: str | Pat
             f"(sha256 {recorded['sha256'][:12]}); pass the original base with --base PATH"
         )
     apply_lora(model, lora)
-    load_adapters(model, folder / MODEL_FILE)
+    load_adapters(model, folder)  # its safetensors file, or DCP shards of a sharded run
     weights = merged_state_dict(model)
     name = f"{settings.run.name}-merged"
     merged = load_settings(folder / SETTINGS_FILE, ["model.lora.rank=0", f"run.name={name}", f"run.out_dir={out}"])

@@ -255,11 +255,17 @@ def _check_lora(s: Settings, where: Origins) -> None:
     if lo.quantize is not None:
         _one_of(lo.quantize, ("4bit",), "model.lora.quantize", where)
     _require(
-        s.fabric.strategy not in ("fsdp", "hsdp", "xla"),
+        s.fabric.strategy != "xla",
         "fabric.strategy",
         where,
-        f"is {s.fabric.strategy!r}, which LoRA does not support yet; use single, simple-ddp or torch-ddp with "
-        "model.lora",
+        "is 'xla', which LoRA does not support yet; use single, simple-ddp, torch-ddp, fsdp or hsdp with model.lora",
+    )
+    _require(
+        lo.quantize is None or s.fabric.strategy not in ("fsdp", "hsdp"),
+        "model.lora.quantize",
+        where,
+        f"is {lo.quantize!r}, which fabric.strategy={s.fabric.strategy} cannot shard (a 4-bit base is not built on "
+        "the meta device); remove model.lora.quantize or use single, simple-ddp or torch-ddp",
     )
 
 

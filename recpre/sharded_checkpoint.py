@@ -25,6 +25,7 @@ import io
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +181,15 @@ def read_full_state(folder: Path, extras: dict[str, Any]) -> dict[str, Any]:
     return {"model": weights, "optimizer": optimizer}
 
 
-def local_shards(fabric: Any, model: nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(this rank's tensors to write, named as above; the non-tensor optimizer state, complete on rank 0)."""
-    inner = fabric.unwrap(model)
-    tensors: dict[str, Any] = {MODEL_PREFIX + k: v.detach() for k, v in inner.state_dict().items()}
+def local_shards(
+    fabric: Any, model: nn.Module, optimizer: Any, select: Callable[[dict], dict] | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(this rank's tensors to write, named as above; the non-tensor optimizer state, complete on rank 0).
+    `select` picks the weights that are saved (a LoRA run's adapters) from the model's state dict."""
+    weights = fabric.unwrap(model).state_dict()
+    if select is not None:
+        weights = select(weights)
+    tensors: dict[str, Any] = {MODEL_PREFIX + k: v.detach() for k, v in weights.items()}
     zero = getattr(fabric, "_zero", None)
     if zero is not None:
         pieces, extras = zero.sharded_state_dict()

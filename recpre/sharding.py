@@ -152,15 +152,18 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, is_main: bool) -> dic
     return {"state": state, "param_groups": saved["param_groups"]} if is_main else None
 
 
-def load_model_state(model: nn.Module, full: Mapping[str, torch.Tensor]) -> None:
-    """Copy full tensors (read lazily, one at a time) into this rank's shards; names must match exactly."""
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(full.keys()))
-    unexpected = sorted(set(full.keys()) - set(params))
+def load_model_state(model: nn.Module, full: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy full tensors (read lazily, one at a time) into this rank's shards; names must match exactly (with
+    `strict` False, parameters `full` lacks keep their values)."""
+    params, names = dict(model.named_parameters()), set(full.keys())
+    missing = sorted(set(params) - names) if strict else []
+    unexpected = sorted(names - set(params))
     if missing or unexpected:
         raise KeyError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, param in params.items():
+            if name not in names:
+                continue
             value = full[name]
             if tuple(value.shape) != tuple(param.shape):
                 raise KeyError(f"{name} has shape {tuple(value.shape)}, the model {tuple(param.shape)}")

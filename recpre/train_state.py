@@ -144,14 +144,15 @@ class RunState:
         if self.saver is not None:
             self.saver.wait()  # never two saves in flight; the previous one's failure is raised here
         shards, lora = None, {} if self.adapters is None else {"lora": self.adapters.state_dict()}
+        select = self.adapters.select if self.adapters is not None else None
         if writes_sharded(self.fabric):
-            shards, optimizer = local_shards(self.fabric, self.model, self.optimizer)
+            shards, optimizer = local_shards(self.fabric, self.model, self.optimizer, select=select)
             weights = None
         else:
             full = self.backend.full_state(self.fabric, self.model, self.optimizer)
             weights, optimizer = full["model"], full["optimizer"]
-            if self.adapters is not None and weights is not None:
-                weights = self.adapters.select(weights)
+            if select is not None and weights is not None:
+                weights = select(weights)
         contents = {
             "model": weights,
             "state": {"optimizer": optimizer, **{name: p.state_dict() for name, p in self.shared.items()}, **lora},
@@ -181,16 +182,20 @@ class RunState:
         if same_world and self.fabric.rank != 0:
             state["rank"] = load_rank_state(ckpt, self.fabric.rank)
         state = upgrade_legacy_state(state)
-        full = None
         if self.adapters is not None:  # the base is this run's own (run.init_from); the checkpoint adds adapters
-            self.adapters.restore(ckpt, state, ckpt / MODEL_FILE)
+            self.adapters.check(ckpt, state)
         elif "lora" in state:
             raise UserError(
                 f"checkpoint {ckpt} holds LoRA adapters only; resume it with the model.lora settings it was trained "
                 f"with, or write a full checkpoint first with evaluate/merge_lora.py --checkpoint {ckpt} --out DIR"
             )
-        elif is_sharded_checkpoint(ckpt):  # every rank reads the whole state and keeps its part: any world size
+        full = None
+        if is_sharded_checkpoint(ckpt):  # every rank reads the whole state and keeps its part: any world size
             full = read_full_state(ckpt, state.get("optimizer") or {"param_groups": []})
+        if self.adapters is not None:  # written by any strategy, loaded by any: only the adapters are replaced
+            saved = self.adapters.read(ckpt, full["model"] if full is not None else None)
+            self.fabric.load_full_state_dict(self.model, None, {"model": saved}, source=str(ckpt), strict=False)
+        elif full is not None:
             self.fabric.load_full_state_dict(self.model, None, {"model": full["model"]}, source=str(ckpt))
         else:
             self.backend.load_weights(self.fabric, self.model, ckpt / MODEL_FILE)

@@ -23,3 +23,9 @@ def plain_parameter_name(name: str) -> str:
     """A parameter's name as the bare model has it: a layer that peft wrapped for LoRA keeps its weight under
     `<layer>.base_layer.weight`, which weight-decay groups, initialisation and checkpoints know as `<layer>.weight`."""
     return name.replace(".base_layer.", ".")
+
+
+def is_adapter_key(name: str) -> bool:
+    """Whether `name` is a LoRA adapter's parameter (`<layer>.lora_A.<adapter>.weight`, `lora_B`), which no
+    base weights file holds."""
+    return ".lora_A." in name or ".lora_B." in name
