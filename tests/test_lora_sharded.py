@@ -73,6 +73,19 @@ def assert_same_adapters(got: dict[str, torch.Tensor], ref: dict[str, torch.Tens
         torch.testing.assert_close(tensor, ref[name], rtol=0, atol=atol, msg=name)
 
 
+def test_a_lora_model_built_on_meta_is_initialised_shard_by_shard_like_a_plain_build(tmp_path):
+    """A fresh base and peft's adapters, sharded over 2 ranks: the plain build's weights (lora_A Kaiming-uniform,
+    lora_B zeros, keyed by seed and name; peft's own draws leave torch's stream alone) and its base hash."""
+    out = tmp_path / "case.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    cmd += ["tests/sharding_cases.py", "lora_meta_init", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    got = json.loads(out.read_text())
+    assert got == {"same": True, "same_hash": True, "adapters": 10, "lora_A_drawn": True}
+
+
 @pytest.fixture(scope="module")
 def base(train_module, tiny_corpus, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("base")
