@@ -647,7 +647,9 @@ def open_weights(source: str | Path, *, config: dict[str, Any] | None = None) ->
     if sharded:
         from recpre.sharded_checkpoint import model_weights
 
-        return file / DCP_METADATA, model_weights(file)
+        weights = model_weights(file)
+        _refuse_adapters_only(weights.keys(), file, file)
+        return file / DCP_METADATA, weights
     try:
         return file, _LazyWeights(file)
     except SafetensorError as err:
@@ -671,12 +673,7 @@ def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any]
     try:
         st_load_model(unwrap_model(model), str(file), strict=True)
     except RuntimeError as err:
-        names = _LazyWeights(file).keys()
-        if any(".lora_A." in key for key in names):
-            raise UserError(
-                f"{file} holds LoRA adapters only, not a whole model; write a full checkpoint first with "
-                f"evaluate/merge_lora.py --checkpoint {file.parent} --out DIR, and load DIR"
-            ) from None
+        _refuse_adapters_only(_LazyWeights(file).keys(), file, file.parent)
         raise UserError(f"weights in {file} do not fit this model ({str(err).splitlines()[0]})") from err
     except SafetensorError as err:
         raise UserError(
@@ -686,11 +683,21 @@ def load_weights(model: nn.Module, source: str | Path, *, config: dict[str, Any]
     return file
 
 
+def _refuse_adapters_only(names: Any, source: Path, folder: Path) -> None:
+    """A LoRA run's checkpoint holds adapters only: a tool that needs a whole model says how to get one."""
+    if any(".lora_A." in key for key in names):
+        raise UserError(
+            f"{source} holds LoRA adapters only, not a whole model; write a full checkpoint first with "
+            f"evaluate/merge_lora.py --checkpoint {folder} --out DIR, and load DIR"
+        ) from None
+
+
 def _load_sharded_weights(model: nn.Module, folder: Path) -> Path:
     """The whole model from the DCP shards of a sharded run's checkpoint, in this process."""
     from recpre.sharded_checkpoint import model_weights
 
     weights = model_weights(folder)
+    _refuse_adapters_only(weights.keys(), folder, folder)
     try:
         unwrap_model(model).load_state_dict(weights, strict=True)
     except RuntimeError as err:

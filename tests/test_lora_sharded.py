@@ -17,8 +17,10 @@ import torch
 from conftest import REPO, tiny_run_args
 
 from recpre.checkpoint import find_latest, load_model, load_state
+from recpre.errors import UserError
 from recpre.lora import read_adapters
 from recpre.monitor import read_metrics
+from recpre.settings import load_settings
 from recpre.sharded_checkpoint import is_sharded_checkpoint, read_metadata
 
 # Fixed depth and a zero initial state: the forward is the same function on every rank and in one process.
@@ -43,6 +45,22 @@ STRATEGIES = {
     "fsdp": (2, ["fabric.strategy=fsdp"]),
     "hsdp": (2, ["fabric.strategy=hsdp", "fabric.shard_size=1"]),  # 2 replicas of 1-rank shard groups
 }
+
+
+def test_lora_settings_accept_fsdp_and_hsdp_and_refuse_xla_and_a_sharded_4bit_base():
+    for strategy in ("fsdp", "hsdp"):
+        load_settings(None, ["model.lora.rank=4", f"fabric.strategy={strategy}"])
+    refused = {
+        "is 'xla', which LoRA does not support yet; use single, simple-ddp, torch-ddp, fsdp or hsdp": [
+            "fabric.strategy=xla",
+            "fabric.device=xla",
+        ],
+        "is '4bit', which fabric.strategy=fsdp cannot shard": ["model.lora.quantize=4bit", "fabric.strategy=fsdp"],
+    }
+    for message, overrides in refused.items():
+        with pytest.raises(UserError) as err:
+            load_settings(None, ["model.lora.rank=4", *overrides])
+        assert message in str(err.value) and str(err.value).count(". ") == 0  # one sentence
 
 
 def free_port() -> int:
@@ -123,6 +141,8 @@ def test_a_sharded_lora_run_trains_as_one_process_and_saves_adapters_only(runs, 
     assert sum(len(g["params"]) for g in groups) == len(saved)
     # the base identity is the same (its hash gathered one weight at a time), so resumes may cross strategies
     assert load_state(ckpt)["lora"] == load_state(find_latest(one / "checkpoints"))["lora"]
+    with pytest.raises(UserError, match="holds LoRA adapters only.*merge_lora.py"):
+        load_model(two)  # what generate, chat and export_hf load
 
 
 def cut_after_step_2(run: Path, to: Path) -> Path:
