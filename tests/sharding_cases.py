@@ -137,7 +137,8 @@ def lora_meta_init() -> dict:
     state = plain.state_dict()
     adapters = [k for k in state if ".lora_A." in k]
     return {
-        "same": fab.is_main and full["model"].keys() == state.keys()
+        "same": fab.is_main
+        and full["model"].keys() == state.keys()
         and all(torch.equal(full["model"][k], v) for k, v in state.items()),
         "same_hash": sharded_hash == plain_hash,
         "adapters": len(adapters),

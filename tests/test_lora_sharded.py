@@ -44,6 +44,8 @@ STRATEGIES = {
     "single": (1, ["fabric.strategy=single"]),
     "fsdp": (2, ["fabric.strategy=fsdp"]),
     "hsdp": (2, ["fabric.strategy=hsdp", "fabric.shard_size=1"]),  # 2 replicas of 1-rank shard groups
+    # ZeRO-1 writes DCP shards too (its optimizer state is spread over ranks)
+    "zero": (2, ["fabric.strategy=simple-ddp", "fabric.optimizer_sharding=true", "fabric.shard_group=world"]),
 }
 
 
@@ -69,9 +71,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(out: Path, corpus, base: Path, strategy: str) -> None:
+def train(out: Path, corpus, base: Path, strategy: str, *more: str) -> None:
     nproc, extra = STRATEGIES[strategy]
-    args = tiny_run_args(out, corpus, f"run.init_from={base}", *LORA, *extra)
+    args = tiny_run_args(out, corpus, f"run.init_from={base}", *LORA, *extra, *more)
     cmd = [sys.executable, "train.py", *args]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -115,20 +117,25 @@ def base(train_module, tiny_corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(tiny_corpus, base, tmp_path_factory):
     """Each strategy's LoRA run once per module."""
-    cache: dict[str, Path] = {}
+    cache: dict[tuple[str, ...], Path] = {}
 
-    def get(strategy: str) -> Path:
-        if strategy not in cache:
-            cache[strategy] = tmp_path_factory.mktemp(f"lora-{strategy}")
-            train(cache[strategy], tiny_corpus, base, strategy)
-        return cache[strategy]
+    def get(strategy: str, *more: str) -> Path:
+        if (strategy, *more) not in cache:
+            cache[strategy, *more] = tmp_path_factory.mktemp(f"lora-{strategy}")
+            train(cache[strategy, *more], tiny_corpus, base, strategy, *more)
+        return cache[strategy, *more]
 
     return get
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "hsdp"])
-def test_a_sharded_lora_run_trains_as_one_process_and_saves_adapters_only(runs, strategy):
-    one, two = runs("single"), runs(strategy)
+# per_iteration 4 at depth 3: the core's last adapter gets no gradient, which the sharded reduction must survive
+@pytest.mark.parametrize(
+    ("strategy", "more"),
+    [("fsdp", ()), ("hsdp", ()), ("zero", ()), ("fsdp", ("model.lora.per_iteration=4",))],
+    ids=["fsdp", "hsdp", "zero", "fsdp-per-iteration"],
+)
+def test_a_sharded_lora_run_trains_as_one_process_and_saves_adapters_only(runs, strategy, more):
+    one, two = runs("single", *more), runs(strategy, *more)
     assert sorted(losses(one)) == [1, 2, 3, 4]
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
     ckpt = find_latest(two / "checkpoints")
