@@ -47,6 +47,7 @@ class PlanInputs:
     backprop_depth: int | None  # the deepest backprop window a curriculum reaches (None: the shape's default)
     world_size: int
     ranks_per_node: int
+    lora: tuple[tuple[str, Any], ...] = ()  # model.lora's shape (rank, targets, per_iteration); () without LoRA
 
     @classmethod
     def from_settings(cls, settings: Any, world_size: int, ranks_per_node: int | None = None) -> PlanInputs:
@@ -59,6 +60,8 @@ class PlanInputs:
         depths = [d for d in (rec.backprop_depth, rec.curriculum.start_backprop_depth) if d is not None]
         optim = {k: getattr(settings.optim, k) for k in ("name", "lr", "weight_decay", "beta1", "beta2", "eps")}
         optim.update(no_decay=tuple(settings.optim.no_decay), update_clipping=settings.optim.update_clipping)
+        lo = m.lora
+        lora = (("per_iteration", lo.per_iteration), ("rank", lo.rank), ("targets", tuple(lo.targets)))
         return cls(
             model_name=str(m.name),
             overrides=tuple(sorted(dict(m.overrides).items())),
@@ -76,6 +79,7 @@ class PlanInputs:
             backprop_depth=max(depths) if depths else None,
             world_size=world_size,
             ranks_per_node=min(ranks_per_node or world_size, world_size),
+            lora=lora if lo.rank else (),
         )
 
     @property
@@ -92,8 +96,9 @@ class PlanInputs:
     def describe(self) -> str:
         zero = " + optimizer_sharding" if self.optimizer_sharding else ""
         ckpt = ", activation checkpointing" if self.activation_checkpointing else ""
+        lora = f" + LoRA rank {dict(self.lora)['rank']}" if self.lora else ""
         return (
-            f"{self.model_name}, {self.strategy}{zero} on {self.world_size} ranks, {self.precision}, "
+            f"{self.model_name}{lora}, {self.strategy}{zero} on {self.world_size} ranks, {self.precision}, "
             f"micro-batch {self.micro_batch_size}{ckpt}, fused_head={self.fused_head}"
         )
 
@@ -138,14 +143,16 @@ def model_config_of(inputs: PlanInputs) -> Any:
 
 @dataclass(frozen=True)
 class _StateLayout:
-    """Per parameter (in the optimizer's group order): its shape, element size, and its optimizer state as
-    (elementwise bytes per element, fixed bytes) — an elementwise entry scales with the piece a rank keeps."""
+    """Per trained parameter (in the optimizer's group order): its shape, element size, and its optimizer state as
+    (elementwise bytes per element, fixed bytes) — an elementwise entry scales with the piece a rank keeps. A LoRA
+    run trains its adapters only: its frozen base is in `all_shapes` (held) but has no gradient or state."""
 
     shapes: tuple[tuple[int, ...], ...]
     elem: tuple[int, ...]
     state: tuple[tuple[int, int], ...]
     all_params_bytes: int  # every parameter of the model, trainable or not
     muon: bool
+    all_shapes: tuple[tuple[tuple[int, ...], int], ...] = ()  # (shape, element size) of every parameter
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -153,8 +160,9 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 
 @lru_cache(maxsize=8)
-def state_layout(model_name: str, overrides: tuple, optim: tuple, precision: str) -> _StateLayout:
-    """Build the model and optimizer on meta, take one optimizer step there, and read what the state holds."""
+def state_layout(model_name: str, overrides: tuple, optim: tuple, precision: str, lora: tuple = ()) -> _StateLayout:
+    """Build the model (with its LoRA adapters) and optimizer on meta, take one optimizer step there, and read
+    what the state holds."""
     from types import SimpleNamespace
 
     from recpre.config import ModelConfig
@@ -162,6 +170,10 @@ def state_layout(model_name: str, overrides: tuple, optim: tuple, precision: str
     from recpre.optim import MuonAdamW, build_optimizer
 
     model = build_model(ModelConfig.from_name(model_name, **dict(overrides)), device="meta")
+    if lora:
+        from recpre.lora import apply_lora
+
+        apply_lora(model, SimpleNamespace(**dict(lora), alpha=1.0, dropout=0.0, quantize=None), device="meta")
     if precision == "bf16-true":
         model = model.to(torch.bfloat16)
     opt_settings = SimpleNamespace(**{k: list(v) if k == "no_decay" else v for k, v in optim})
@@ -187,6 +199,7 @@ def state_layout(model_name: str, overrides: tuple, optim: tuple, precision: str
         state=tuple(state),
         all_params_bytes=sum(_tensor_bytes(p) for p in model.parameters()),
         muon=isinstance(optimizer, MuonAdamW),
+        all_shapes=tuple((tuple(p.shape), p.element_size()) for p in model.parameters()),
     )
 
 
@@ -202,21 +215,26 @@ def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def state_bytes(inputs: PlanInputs, rank: int) -> dict[str, int]:
     """params_bytes, grads_bytes, optimizer_bytes of `rank`, as the memory event measures them."""
-    lay = state_layout(inputs.model_name, inputs.overrides, inputs.optim, inputs.precision)
+    lay = state_layout(*_layout_key(inputs))
     full = [math.prod(s) for s in lay.shapes]
     grads = sum(n * e for n, e in zip(full, lay.elem))
     whole_state = [n * per + fixed for n, (per, fixed) in zip(full, lay.state)]
     if inputs.strategy in FSDP:
         parts = inputs.shard_size_used
         r = rank % parts
-        params = opt = 0
+
+        def padded(shape: tuple[int, ...]) -> int:  # FSDP2 keeps every rank's shard padded to ceil(rows / N) rows
+            rows, row = _rows(shape)
+            return -(-rows // parts) * row
+
+        params = sum(padded(shape) * e for shape, e in lay.all_shapes)
+        grads = opt = 0
         for shape, e, (per, fixed) in zip(lay.shapes, lay.elem, lay.state):
             rows, row = _rows(shape)
             chunk = -(-rows // parts)
-            local = max(0, min(chunk, rows - r * chunk)) * row
-            params += chunk * row * e  # FSDP2 keeps every rank's shard padded to ceil(rows / N) rows
-            opt += local * per + fixed
-        return {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": opt}
+            grads += padded(shape) * e
+            opt += max(0, min(chunk, rows - r * chunk)) * row * per + fixed
+        return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": opt}
     base = {"params_bytes": lay.all_params_bytes, "grads_bytes": grads}
     parts = inputs.shard_size_used
     if parts == 1:
@@ -253,7 +271,7 @@ def comm_bytes(inputs: PlanInputs, config: Any) -> int:
     """Collective buffers: the chunk stream's two fp32 buffers (simple-ddp), DDP's buckets (a flat fp32 copy of
     the gradients), FSDP's gathered blocks (the looped core stays gathered through its pass, two other blocks in
     flight) and one block's unsharded fp32 gradients for the reduce-scatter."""
-    lay = state_layout(inputs.model_name, inputs.overrides, inputs.optim, inputs.precision)
+    lay = state_layout(*_layout_key(inputs))
     total = sum(math.prod(s) for s in lay.shapes)
     if inputs.strategy == "single" or (inputs.world_size == 1 and inputs.strategy not in FSDP):
         return 0
@@ -297,12 +315,12 @@ def activation_bytes(inputs: PlanInputs, config: Any) -> int:
         head = tokens * vocab * (act + 4 + 4)  # logits, fp32 upcast, their gradient
     per_rank = tokens * (blocks + d * res) + head
     if inputs.precision == "bf16-mixed" and inputs.strategy not in FSDP:  # FSDP casts its gathered copies
-        per_rank += 2 * sum(math.prod(s) for s in state_layout(*_layout_key(inputs)).shapes)
+        per_rank += 2 * sum(math.prod(s) for s, _ in state_layout(*_layout_key(inputs)).all_shapes)
     return per_rank
 
 
 def _layout_key(inputs: PlanInputs) -> tuple:
-    return inputs.model_name, inputs.overrides, inputs.optim, inputs.precision
+    return inputs.model_name, inputs.overrides, inputs.optim, inputs.precision, inputs.lora
 
 
 # -- the plan, the verdict and the remedies ------------------------------------------------------------------
@@ -432,7 +450,7 @@ def plan_command(settings: Any, world_size: int | None, device_gib: float | None
 
 def check_device_memory(settings: Any, fabric: Any) -> None:
     """At start-up on a GPU: refuse (UserError, the planner's sentence) a run whose plan exceeds the device."""
-    if fabric.device.type != "cuda" or settings.model.lora.rank:  # the plan counts every weight's grads and state:
-        return  # a LoRA run (docs/lora.md) holds those for its adapters only, so the plan would refuse runs that fit
+    if fabric.device.type != "cuda" or settings.model.lora.quantize:  # QLoRA's 4-bit base is not planned
+        return
     total = torch.cuda.get_device_properties(fabric.device).total_memory
     check_fits(PlanInputs.from_settings(settings, fabric.world_size, fabric.shard_size), total / GIB)

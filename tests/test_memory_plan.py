@@ -73,9 +73,11 @@ def args_for(corpus, model: str, strategy: str, out: Path) -> list[str]:
     ]
 
 
-def measured_and_planned(corpus, tmp_path: Path, model: str, strategy: str, nproc: int) -> tuple[dict, dict]:
+def measured_and_planned(
+    corpus, tmp_path: Path, model: str, strategy: str, nproc: int, *extra: str
+) -> tuple[dict, dict]:
     out = tmp_path / f"{model}-{strategy}-{nproc}"
-    args = args_for(corpus, model, strategy, out)
+    args = [*args_for(corpus, model, strategy, out), *extra]
     cmd = [sys.executable, "train.py", *args]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -92,6 +94,15 @@ def measured_and_planned(corpus, tmp_path: Path, model: str, strategy: str, npro
 def test_planned_state_equals_the_memory_event(tiny_corpus, tmp_path, model, strategy, nproc):
     measured, planned = measured_and_planned(tiny_corpus, tmp_path, model, strategy, nproc)
     assert planned == measured
+
+
+@pytest.mark.parametrize(("strategy", "nproc"), [("single", 1), ("fsdp", 2)])
+def test_planned_state_of_a_lora_run_equals_the_memory_event(tiny_corpus, tmp_path, strategy, nproc):
+    """A LoRA run holds its whole (frozen) base but gradients and optimizer state of its adapters only."""
+    lora = ["model.lora.rank=4", "model.lora.targets=[core,prelude.attn]"]
+    measured, planned = measured_and_planned(tiny_corpus, tmp_path, "recurrent", strategy, nproc, *lora)
+    assert planned == measured
+    assert 0 < planned["grads_bytes"] < 0.2 * planned["params_bytes"]
 
 
 @pytest.mark.parametrize(("model", "strategy", "nproc"), FAST)
@@ -160,6 +171,10 @@ def test_a_gpu_smaller_than_the_plan_is_refused_at_start_up(monkeypatch):
         check_device_memory(load_settings(None, ["model.name=debug-gpt", "train.micro_batch_size=64",
                                                  "train.world_batch_size=64"]), fabric)  # fmt: skip
     check_device_memory(load_settings(None, ["model.name=debug-gpt"]), SimpleNamespace(**{**vars(fabric)}))
+    # a LoRA run is planned too (gradients and optimizer state of its adapters only)
+    with pytest.raises(UserError, match=r"\(debug-gpt \+ LoRA rank 8, single on 1 ranks"):
+        check_device_memory(load_settings(None, ["model.name=debug-gpt", "train.micro_batch_size=64",
+                                                 "train.world_batch_size=64", "model.lora.rank=8"]), fabric)  # fmt: skip
 
 
 def test_plan_without_a_world_size_is_bad_input(train_module, capsys):
