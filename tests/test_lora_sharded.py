@@ -131,8 +131,12 @@ def runs(tiny_corpus, base, tmp_path_factory):
 # per_iteration 4 at depth 3: the core's last adapter gets no gradient, which the sharded reduction must survive
 @pytest.mark.parametrize(
     ("strategy", "more"),
-    [("fsdp", ()), ("hsdp", ()), ("zero", ()), ("fsdp", ("model.lora.per_iteration=4",))],
-    ids=["fsdp", "hsdp", "zero", "fsdp-per-iteration"],
+    [
+        pytest.param("fsdp", (), id="fsdp"),
+        pytest.param("hsdp", (), id="hsdp"),
+        pytest.param("zero", (), id="zero", marks=pytest.mark.slow),
+        pytest.param("fsdp", ("model.lora.per_iteration=4",), id="fsdp-per-iteration", marks=pytest.mark.slow),
+    ],
 )
 def test_a_sharded_lora_run_trains_as_one_process_and_saves_adapters_only(runs, strategy, more):
     one, two = runs("single", *more), runs(strategy, *more)
