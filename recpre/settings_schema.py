@@ -41,12 +41,12 @@ class RunSettings:
 
 @dataclass
 class LoraSettings:
-    rank: int = 0  # LoRA rank; 0 = no LoRA (the whole model trains). docs/lora.md
+    rank: int = 0  # LoRA rank; 0 = no LoRA (the whole model trains); any fabric.strategy but xla. docs/lora.md
     alpha: float = 16.0  # scale of the adapter's update: alpha / rank
     dropout: float = 0.0  # dropout on the adapter's input
     targets: list[str] = field(default_factory=lambda: ["all"])  # STAGE[.attn|.mlp[.PROJ]], all, attn, mlp, injection
     per_iteration: int = 0  # m >= 2: the core's first m iterations get their own adapter (later ones the last)
-    quantize: str | None = None  # "4bit": the frozen base in 4-bit NF4 (QLoRA; bitsandbytes, CUDA only)
+    quantize: str | None = None  # "4bit": the frozen base in 4-bit NF4 (QLoRA; bitsandbytes, CUDA only; not fsdp/hsdp)
 
 
 @dataclass
