@@ -287,6 +287,8 @@ def read_adapters(source: Path) -> dict[str, torch.Tensor]:
 
 
 def fitting_adapters(model: nn.Module, saved: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """`saved`, refused unless it names exactly the adapters of `model` (they load with strict=False beside the
+    base, so nothing else would notice a missing one)."""
     expected = {name for name, _ in unwrap_model(model).named_parameters() if is_adapter_key(name)}
     if set(saved) != expected:
         missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
