@@ -49,7 +49,7 @@ STRATEGIES = {
 }
 
 
-def test_lora_settings_accept_fsdp_and_hsdp_and_refuse_xla_and_a_sharded_4bit_base():
+def test_lora_settings_accept_fsdp_and_hsdp_and_refuse_xla_and_a_sharded_4bit_or_bf16_true_base():
     for strategy in ("fsdp", "hsdp"):
         load_settings(None, ["model.lora.rank=4", f"fabric.strategy={strategy}"])
     refused = {
@@ -58,6 +58,7 @@ def test_lora_settings_accept_fsdp_and_hsdp_and_refuse_xla_and_a_sharded_4bit_ba
             "fabric.device=xla",
         ],
         "is '4bit', which fabric.strategy=fsdp cannot shard": ["model.lora.quantize=4bit", "fabric.strategy=fsdp"],
+        "use fabric.precision=bf16-mixed": ["fabric.precision=bf16-true", "fabric.strategy=hsdp"],
     }
     for message, overrides in refused.items():
         with pytest.raises(UserError) as err:
