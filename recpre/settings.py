@@ -267,6 +267,14 @@ def _check_lora(s: Settings, where: Origins) -> None:
         f"is {lo.quantize!r}, which fabric.strategy={s.fabric.strategy} cannot shard (a 4-bit base is not built on "
         "the meta device); remove model.lora.quantize or use single, simple-ddp or torch-ddp",
     )
+    _require(
+        s.fabric.precision != "bf16-true" or s.fabric.strategy not in ("fsdp", "hsdp"),
+        "fabric.precision",
+        where,
+        f"is 'bf16-true', under which fabric.strategy={s.fabric.strategy} casts a LoRA run's base to bf16 before "
+        "run.init_from loads, so its hash would not match the base merge_lora and other strategies rebuild; use "
+        "fabric.precision=bf16-mixed",
+    )
 
 
 def _check_data(s: Settings, where: Origins) -> None:
