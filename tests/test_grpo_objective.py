@@ -103,3 +103,31 @@ def test_the_bundled_task_rewards_the_first_parameter_only() -> None:
     assert first_parameter("`os.path.join(a, *p)`") == "a"
     assert first_parameter("`f(*args, **kw)`") == "*args"
     assert first_parameter("`f(*, key)`") is None
+
+
+def test_the_bundled_task_starts_each_answer_and_rewards_what_follows() -> None:
+    train, held_out = first_parameter_rows()
+    row = next(r for r in train + held_out if r["qualname"] == "json.dumps")
+    assert row["answer_prefix"] == "`json.dumps("
+    assert first_parameter_reward("", "obj, *, skipkeys=False", row) == 1.0
+    assert first_parameter_reward("", "obj", row) == 1.0
+    assert first_parameter_reward("", "fp", row) == 0.0
+    assert first_parameter_reward("", "", row) == 0.0  # the prefix alone (the format) earns nothing
+    assert first_parameter_reward("", ")", row) == 0.0
+
+
+def test_a_prompt_row_answer_prefix_is_written_after_the_generation_prompt(tmp_path) -> None:
+    import json
+
+    from recpre.data.chat_template import load_chat_template
+    from recpre.rl.prompts import prompt_text, read_prompt_rows
+
+    good = {"messages": [{"role": "user", "content": "Hi?"}], "answer_prefix": "`os.path.join("}
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "2 + 2 =", "answer_prefix": " "}) + "\n")
+    rows = read_prompt_rows(path, "rl.prompts")
+    texts = [prompt_text(r, load_chat_template("plain"), {}) for r in rows]
+    assert texts == ["<|user|>\nHi?<|assistant|>\n`os.path.join(", "2 + 2 = "]
+    path.write_text(json.dumps({"prompt": "x", "answer_prefix": 3}) + "\n")
+    with pytest.raises(UserError, match="line 1 has an `answer_prefix` that is not a string"):
+        read_prompt_rows(path, "rl.prompts")

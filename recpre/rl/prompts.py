@@ -1,8 +1,9 @@
 """Where GRPO's prompts come from and how they reach the ranks.
 
 `rl.prompts` / `rl.eval_prompts` name JSONL files whose rows carry a `prompt` (text fed to the model as it is)
-or `messages` (a conversation rendered with `data.chat_template` and a generation prompt), plus any fields the
-reward needs; empty = the bundled task (recpre/rl/tasks.py). The prompt stream is an endless sequence of
+or `messages` (a conversation rendered with `data.chat_template` and a generation prompt), optionally an
+`answer_prefix` (the start of the answer, written for the model after the prompt: a prefill), plus any fields
+the reward needs; empty = the bundled task (recpre/rl/tasks.py). The prompt stream is an endless sequence of
 epochs, each a permutation drawn from (seed, epoch); global micro-batch g holds the stream's prompts
 [g * m, (g + 1) * m), and rank r takes g = r, r + W, ... (the packed loader's dealing order), so every rank
 holds whole groups and the position is one number that any world size can resume from.
@@ -35,6 +36,8 @@ def read_prompt_rows(path: str | Path, key: str) -> list[dict[str, Any]]:
             raise UserError(f"{where} has neither a `prompt` string nor a `messages` list; add one of them")
         if "messages" in obj:
             check_messages(obj["messages"], where)
+        if not isinstance(obj.get("answer_prefix", ""), str):
+            raise UserError(f"{where} has an `answer_prefix` that is not a string; make it text or leave it out")
         rows.append(obj)
     if not rows:
         raise UserError(f"{key} {path} holds no prompts; add rows or leave {key} empty for the bundled task")
@@ -42,10 +45,13 @@ def read_prompt_rows(path: str | Path, key: str) -> list[dict[str, Any]]:
 
 
 def prompt_text(row: dict[str, Any], template: str, special_tokens: dict[str, str]) -> str:
-    """The text the model continues: `prompt` as it is, or `messages` under the chat template."""
+    """The text the model continues: `prompt` as it is, or `messages` under the chat template, then the row's
+    `answer_prefix` (the completion continues the answer it starts)."""
     if "messages" in row:
-        return render_chat(template, row["messages"], add_generation_prompt=True, special_tokens=special_tokens)
-    return row["prompt"]
+        text = render_chat(template, row["messages"], add_generation_prompt=True, special_tokens=special_tokens)
+    else:
+        text = row["prompt"]
+    return text + row.get("answer_prefix", "")
 
 
 @dataclass
