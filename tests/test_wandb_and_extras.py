@@ -36,6 +36,12 @@ def offline_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
+def run_id(run: Path) -> str:
+    """The run id of an offline run folder, from its `run-<id>.wandb` log (the folder name gains a `-1` suffix
+    when two segments start within the same second)."""
+    return next(run.glob("run-*.wandb")).stem.removeprefix("run-")
+
+
 def wandb_config(run: Path) -> dict:
     """The config items recorded in an offline run's .wandb log (protobuf ConfigItem: key = field 1, value_json =
     field 16); wandb 0.31 has no Python reader for its own log, and offline runs write no config.yaml."""
@@ -70,8 +76,8 @@ def test_wandb_gets_nested_settings_and_one_id_per_run_folder(train_module, tiny
     assert train_module.main(tiny_run_args(b, tiny_corpus, *common, "train.max_steps=4")) == 0
     runs_a, runs_b = offline_runs(a), offline_runs(b)
     assert len(runs_a) == 2 and len(runs_b) == 1
-    ids_a = {r.name.rsplit("-", 1)[1] for r in runs_a}
-    id_b = runs_b[0].name.rsplit("-", 1)[1]
+    ids_a = {run_id(r) for r in runs_a}
+    id_b = run_id(runs_b[0])
     assert len(ids_a) == 1 and id_b not in ids_a
     config = wandb_config(runs_a[0])
     assert config["optim"]["lr"] == 3e-3 and config["train"]["max_steps"] == 4
