@@ -6,8 +6,8 @@ generating (the rest: the old/reference log-probability forwards and the updates
     python benchmarks/bench_rl.py --full                                   # magpie-150m shape on a GPU
 
 The rollout is the one `train.objective: grpo` samples (launch_configs/grpo-debug.yaml: a micro-batch of
-prompts of the bundled task, each sampled rl.group_size times at temperature 1 up to rl.max_new_tokens tokens,
-no stop strings so every row decodes the same number of tokens).
+prompts of the bundled task, each sampled rl.group_size times at temperature 1, here 16 new tokens (the config
+stops at 4) and no stop strings, so every row decodes the same number of tokens; an override changes either).
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="settings overrides, e.g. rl.group_size=16")
     args = p.parse_args()
     overrides = [f"run.init_from={args.checkpoint}" if args.checkpoint else "run.init_from=null",
-                 "rl.stop=[]", "eval.interval=0", "log.progress=none", "log.plot=false"]  # fmt: skip
+                 "rl.stop=[]", "rl.max_new_tokens=16", "eval.interval=0", "log.progress=none",
+                 "log.plot=false"]  # fmt: skip
     if args.quick:
         args.steps, args.reps = 2, 1
     if args.full:
