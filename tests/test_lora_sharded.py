@@ -137,6 +137,9 @@ def runs(tiny_corpus, base, tmp_path_factory):
         pytest.param("hsdp", (), id="hsdp"),
         pytest.param("zero", (), id="zero", marks=pytest.mark.slow),
         pytest.param("fsdp", ("model.lora.per_iteration=4",), id="fsdp-per-iteration", marks=pytest.mark.slow),
+        pytest.param(
+            "fsdp", ("model.activation_checkpointing=true",), id="fsdp-activation-checkpointing", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_a_sharded_lora_run_trains_as_one_process_and_saves_adapters_only(runs, strategy, more):
