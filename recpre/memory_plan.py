@@ -150,9 +150,12 @@ class _StateLayout:
     shapes: tuple[tuple[int, ...], ...]
     elem: tuple[int, ...]
     state: tuple[tuple[int, int], ...]
-    all_params_bytes: int  # every parameter of the model, trainable or not
     muon: bool
-    all_shapes: tuple[tuple[tuple[int, ...], int], ...] = ()  # (shape, element size) of every parameter
+    all_shapes: tuple[tuple[tuple[int, ...], int], ...]  # (shape, element size) of every parameter, trained or not
+
+    @property
+    def all_params_bytes(self) -> int:
+        return sum(math.prod(shape) * e for shape, e in self.all_shapes)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -197,7 +200,6 @@ def state_layout(model_name: str, overrides: tuple, optim: tuple, precision: str
         shapes=tuple(tuple(p.shape) for p in params),
         elem=tuple(p.element_size() for p in params),
         state=tuple(state),
-        all_params_bytes=sum(_tensor_bytes(p) for p in model.parameters()),
         muon=isinstance(optimizer, MuonAdamW),
         all_shapes=tuple((tuple(p.shape), p.element_size()) for p in model.parameters()),
     )
