@@ -36,7 +36,7 @@ from recpre.errors import UserError, run_cli
 from recpre.fabric import FabricError, SimpleFabric
 from recpre.flops import device_peak, mfu
 from recpre.guardrails import LossSpikeGuard, TrainingAborted, debug_nan_steps
-from recpre.lora import attach_lora
+from recpre.lora import attach_lora, lora_init_parameter
 from recpre.memory import memory_line
 from recpre.memory_plan import check_device_memory, plan_command
 from recpre.model import build_model, compile_blocks
@@ -347,7 +347,8 @@ def build_run(settings: Any, fabric: SimpleFabric, sweep_depths: list[int] | Non
     if init_from and not fabric.builds_on_meta:
         loaded = load_initial_weights(model, init_from, config=config.to_dict())
     adapters = attach_lora(model, settings, fabric, loaded)  # model.lora: docs/lora.md
-    model = fabric.setup_model(model)  # sharded strategies materialise and initialise a meta model here
+    init = lora_init_parameter(model, seed) if adapters else None  # draws the adapters of a meta model too
+    model = fabric.setup_model(model, init)  # sharded strategies materialise and initialise a meta model here
     if init_from and fabric.builds_on_meta:
         load_initial_weights(model, init_from, config=config.to_dict(), fabric=fabric)  # shard by shard
     optimizer = fabric.setup_optimizer(build_optimizer(fabric.unwrap(model), settings.optim))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -253,14 +253,20 @@ class SimpleFabric:
                 self._mesh = build_mesh(self.device.type, self.world_size, self.shard_size)
         return self._mesh
 
-    def setup_model(self, model: nn.Module) -> nn.Module:
+    def setup_model(
+        self, model: nn.Module, init_parameter: Callable[[str, torch.Tensor], None] | None = None
+    ) -> nn.Module:
         """Move the model to the device (and to bf16 for bf16-true), make ranks agree on its weights, wrap for DDP;
-        under fsdp/hsdp shard it per block (a meta-device model is materialised and initialised shard by shard)."""
+        under fsdp/hsdp shard it per block (a meta-device model is materialised shard by shard, each full parameter
+        drawn by `init_parameter(name, tensor)`, default the model's own)."""
         if self.strategy in SHARDED:
             from recpre.sharding import shard_model
 
             with self._collective(f"sharding the model ({self.strategy})"):
-                return shard_model(model, self.mesh, precision=self.precision, offload=self.offload, device=self.device)
+                return shard_model(
+                    model, self.mesh, precision=self.precision, offload=self.offload, device=self.device,
+                    init_parameter=init_parameter,
+                )  # fmt: skip
         model = model.to(self.device)
         if self.precision == "bf16-true":
             model = model.to(torch.bfloat16)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def apply_lora(model: nn.Module, lora: Any, *, device: torch.device | str = "cpu
 
     peft's own draws are discarded (they run inside `fork_rng`), so torch's RNG stream stays the base's: a
     meta-device build (fsdp, hsdp) then initialises the base shard by shard with the unsharded build's values,
-    and adapters through the model's `init_parameter`, which learns their names here."""
+    and its adapters with `lora_init_parameter`'s."""
     peft = _peft()
     if lora.quantize is not None:
         quantize_base(model, lora, device)
@@ -98,19 +99,17 @@ def apply_lora(model: nn.Module, lora: Any, *, device: torch.device | str = "cpu
         p.requires_grad_(is_adapter_key(name))
         if is_adapter_key(name) and not p.is_meta:
             init_adapter(name, p.data, seed)
-    _init_adapters_too(plain, seed)
     for layer in lora_layers(plain):  # each layer's own adapter active, without touching requires_grad
         layer._active_adapter = next(iter(layer.lora_A.keys()))
     if lora.per_iteration > 1:
         _select_per_iteration(plain, lora.per_iteration)
 
 
-def _init_adapters_too(model: nn.Module, seed: int) -> None:
-    """The model's `init_parameter` (what a sharding fabric calls for every parameter of a meta-device build)
-    extended, on this instance, to the adapters, which the model knows nothing of."""
-    base_init = getattr(model, "init_parameter", None)
-    if base_init is None or getattr(base_init, "adapters_too", False):
-        return
+def lora_init_parameter(model: nn.Module, seed: int) -> Callable[[str, torch.Tensor], None]:
+    """What a sharding fabric draws each full parameter of a meta-device LoRA model with: adapters as
+    `apply_lora(seed=seed)` draws them, everything else with the model's own `init_parameter` (which knows
+    nothing of adapters)."""
+    base_init = unwrap_model(model).init_parameter
 
     def init_parameter(name: str, tensor: torch.Tensor) -> None:
         if is_adapter_key(name):
@@ -118,8 +117,7 @@ def _init_adapters_too(model: nn.Module, seed: int) -> None:
         else:
             base_init(name, tensor)
 
-    init_parameter.adapters_too = True  # type: ignore[attr-defined]
-    model.init_parameter = init_parameter  # type: ignore[method-assign]
+    return init_parameter
 
 
 def _select_per_iteration(model: nn.Module, per_iteration: int) -> None:

@@ -6,6 +6,7 @@ norm). The fabric needs only this protocol from the model (recpre/model.py imple
     model.blocks()            -> the transformer blocks, each sharded as its own unit
     model.recurrent_blocks()  -> the blocks that run several times per forward (the looped core; may be empty)
     model.init_parameter(name, tensor) -> fill one full parameter tensor in place, drawing from torch's RNG
+                                         (the driver may pass another, e.g. one that also knows LoRA adapters)
 
 The looped core: a core block runs n + k times per micro-batch. Gathering it per call would multiply the
 all-gathers by the depth, in forward and again in backward. Its units keep their parameters gathered after
@@ -20,7 +21,7 @@ parameter copies do the casting.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +31,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from recpre.optim import load_optimizer_state
+
+InitParameter = Callable[[str, torch.Tensor], None]  # fills the full tensor of the named parameter in place
 
 
 def build_mesh(device_type: str, world_size: int, shard_size: int) -> DeviceMesh:
@@ -47,14 +50,21 @@ def precision_policy(precision: str) -> MixedPrecisionPolicy:
 
 
 def shard_model(
-    model: nn.Module, mesh: DeviceMesh, *, precision: str, offload: bool, device: torch.device
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    precision: str,
+    offload: bool,
+    device: torch.device,
+    init_parameter: InitParameter | None = None,
 ) -> nn.Module:
     """Shard `model` in place; a model built on the meta device is materialised shard by shard and initialised
-    with the weights a non-sharded build draws from the same RNG state."""
+    with the weights a non-sharded build draws from the same RNG state (`init_parameter`, default the model's)."""
     on_meta = any(p.is_meta for p in model.parameters())
     wrap(model, mesh, precision=precision, offload=offload)
     if on_meta:
-        materialise(model, device=torch.device("cpu") if offload else device)
+        init = init_parameter or model.init_parameter
+        materialise(model, device=torch.device("cpu") if offload else device, init_parameter=init)
     return model
 
 
@@ -74,14 +84,14 @@ def wrap(model: nn.Module, mesh: DeviceMesh, *, precision: str, offload: bool) -
     return model
 
 
-def materialise(model: nn.Module, device: torch.device) -> None:
+def materialise(model: nn.Module, device: torch.device, init_parameter: InitParameter) -> None:
     """Allocate this rank's shards, then draw each full parameter on the CPU (one at a time, in named_parameters
     order, so the RNG stream is the unsharded build's) and keep this rank's part of it."""
     model.to_empty(device=device)
     with torch.no_grad():
         for name, param in model.named_parameters():
             full = torch.empty(param.shape, dtype=torch.float32)
-            model.init_parameter(name, full)
+            init_parameter(name, full)
             copy_into_shard(param, full)
 
 

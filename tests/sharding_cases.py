@@ -118,7 +118,7 @@ def zero_imbalance() -> dict:
 def lora_meta_init() -> dict:
     """A LoRA model (fresh base, adapters injected) built on meta and sharded, against a plain build: the same base
     and adapters on every rank, and the same base hash, gathered one weight at a time."""
-    from recpre.lora import apply_lora, base_hash
+    from recpre.lora import apply_lora, base_hash, lora_init_parameter
 
     lora = SimpleNamespace(rank=4, alpha=8.0, dropout=0.0, targets=["core", "prelude.attn"], per_iteration=0,
                            quantize=None)  # fmt: skip
@@ -127,7 +127,7 @@ def lora_meta_init() -> dict:
     torch.manual_seed(11)
     model = build_model(config, device="meta")
     apply_lora(model, lora, seed=5)
-    model = fab.setup_model(model)
+    model = fab.setup_model(model, lora_init_parameter(model, seed=5))
     sharded_hash = base_hash(model)
     full = fab.full_state_dict(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
     torch.manual_seed(11)
