@@ -69,7 +69,7 @@ def apply_lora(model: nn.Module, lora: Any, *, device: torch.device | str = "cpu
 
     peft's own draws are discarded (they run inside `fork_rng`), so torch's RNG stream stays the base's: a
     meta-device build (fsdp, hsdp) then initialises the base shard by shard with the unsharded build's values,
-    and its adapters with `lora_init_parameter`'s."""
+    and its adapters with the values `lora_init_parameter` draws (the driver hands it to the fabric)."""
     peft = _peft()
     if lora.quantize is not None:
         quantize_base(model, lora, device)
