@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,9 @@ from recpre.grad_stream import GradStream as _GradStream
 from recpre.grad_stream import StreamError
 from recpre.settings import DEVICES, PRECISIONS, STRATEGIES
 from recpre.unwrap import unwrap_model
+
+if TYPE_CHECKING:
+    from recpre.sharding import InitParameter
 
 __all__ = ["FabricError", "SimpleFabric", "unwrap_model", "parse_slurm_nodelist", "discover_processes", "ProcessInfo"]
 
@@ -253,9 +256,7 @@ class SimpleFabric:
                 self._mesh = build_mesh(self.device.type, self.world_size, self.shard_size)
         return self._mesh
 
-    def setup_model(
-        self, model: nn.Module, init_parameter: Callable[[str, torch.Tensor], None] | None = None
-    ) -> nn.Module:
+    def setup_model(self, model: nn.Module, init_parameter: InitParameter | None = None) -> nn.Module:
         """Move the model to the device (and to bf16 for bf16-true), make ranks agree on its weights, wrap for DDP;
         under fsdp/hsdp shard it per block (a meta-device model is materialised shard by shard, each full parameter
         drawn by `init_parameter(name, tensor)`, default the model's own)."""

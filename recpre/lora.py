@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +21,9 @@ from torch import nn
 from recpre.errors import UserError, missing_extra
 from recpre.lora_targets import core_stage_prefix, resolve_targets
 from recpre.unwrap import is_adapter_key, plain_parameter_name, unwrap_model
+
+if TYPE_CHECKING:
+    from recpre.sharding import InitParameter
 
 SHARED = "default"  # the adapter every stage uses (peft's default name)
 
@@ -105,7 +107,7 @@ def apply_lora(model: nn.Module, lora: Any, *, device: torch.device | str = "cpu
         _select_per_iteration(plain, lora.per_iteration)
 
 
-def lora_init_parameter(model: nn.Module, seed: int) -> Callable[[str, torch.Tensor], None]:
+def lora_init_parameter(model: nn.Module, seed: int) -> InitParameter:
     """What a sharding fabric draws each full parameter of a meta-device LoRA model with: adapters as
     `apply_lora(seed=seed)` draws them, everything else with the model's own `init_parameter` (which knows
     nothing of adapters)."""
